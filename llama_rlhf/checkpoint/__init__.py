@@ -1,0 +1,1 @@
+"""Checkpoint readers (HF, Meta), strict sharded loading, saving and export."""

@@ -1,0 +1,1 @@
+"""The one decoder, its config, the family registry, and model construction/loading."""

@@ -1,0 +1,76 @@
+"""Attention kernels on one rank: masks (causal, packing, padding, sliding window), SDPA, soft-capping.
+
+Sequence parallelism (ring attention across ranks) lives in ``parallel/ring_attention.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: only used on CUDA when installed
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure just means "not available"
+    flash_attn_func = None
+
+
+def build_mask(q_len: int, k_len: int, q_start: int, device, segment_ids=None, key_valid=None,
+               window: int | None = None) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, Sq, Sk] (True = may attend), or None when plain causal attention suffices.
+
+    Queries sit at key slots q_start .. q_start + q_len - 1. Each query always sees itself, so padding rows
+    never turn into all-masked rows (their outputs are unused but stay finite).
+    """
+    if segment_ids is None and key_valid is None and window is None and q_start == 0 and q_len == k_len:
+        return None
+    q_idx = torch.arange(q_start, q_start + q_len, device=device).view(-1, 1)
+    k_idx = torch.arange(k_len, device=device).view(1, -1)
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed.view(1, 1, q_len, k_len)
+    if segment_ids is not None:  # packed documents: [B, S], same ids attend to each other
+        q_seg = segment_ids[:, q_start:q_start + q_len] if segment_ids.shape[1] == k_len else segment_ids
+        allowed = allowed & (q_seg.unsqueeze(-1) == segment_ids[:, :k_len].unsqueeze(1)).unsqueeze(1)
+    if key_valid is not None:  # [B, Sk], False on padding keys
+        allowed = allowed & key_valid[:, :k_len].view(key_valid.shape[0], 1, 1, k_len)
+    return allowed | (k_idx == q_idx).view(1, 1, q_len, k_len)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, S, Hkv, D] -> [B, S, Hkv * n_rep, D], each KV head repeated for its group of query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """Explicit attention with tanh soft-capping of the scores (Gemma 2); softmax in fp32.
+
+    q [B, Sq, H, D], k/v [B, Sk, H, D], mask [B|1, 1, Sq, Sk] or None (causal) -> [B, Sq, H, D].
+    """
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - q.shape[1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
+              window: int | None = None) -> torch.Tensor:
+    """Attention of q [B, Sq, Hq, D] over k/v [B, Sk, Hkv, D] (GQA) -> [B, Sq, Hq, D].
+
+    ``mask`` comes from ``build_mask`` (None: causal). flash-attn on CUDA for the plain causal case when
+    installed, otherwise PyTorch SDPA; the explicit kernel only when scores must be soft-capped.
+    """
+    n_rep = q.shape[2] // k.shape[2]
+    if (flash_attn_func is not None and q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[1] == k.shape[1]):
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
+                               window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, scale, softcap)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out.transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]

@@ -1,0 +1,1 @@
+"""Parallel building blocks: rank grid, communication primitives, sharded layers, vocab-parallel losses, ring attention."""

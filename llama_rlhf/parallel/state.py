@@ -1,0 +1,175 @@
+"""ParallelState: the rank grid, its process groups, and process-group start-up.
+
+Ranks are laid out as ``arange(world).view(DP, SP, MP)``: model-parallel (MP) peers are neighbouring
+ranks (fastest links), then sequence-parallel (SP) peers, then data-parallel (DP) replicas.
+Every group is created on every rank in the same order, and the state is passed explicitly.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout (raised identically on every rank, before any collective)."""
+
+
+def check_layout(world_size: int, mp: int, sp: int) -> int:
+    """Return DP = world / (MP * SP), or raise a LayoutError naming the numbers and the flags."""
+    if mp < 1 or sp < 1:
+        raise LayoutError(f"--model_parallel_size ({mp}) and --sequence_parallel_size ({sp}) must be >= 1")
+    if world_size % (mp * sp) != 0:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by --model_parallel_size {mp} x "
+            f"--sequence_parallel_size {sp} = {mp * sp}; choose sizes whose product divides {world_size}"
+        )
+    return world_size // (mp * sp)
+
+
+def rank_grid(world_size: int, mp: int, sp: int) -> torch.Tensor:
+    """The [DP, SP, MP] grid of global ranks."""
+    dp = check_layout(world_size, mp, sp)
+    return torch.arange(world_size).view(dp, sp, mp)
+
+
+@dataclass
+class ParallelState:
+    """Where this rank sits in the (DP, SP, MP) grid, and the groups it talks over."""
+
+    world_size: int
+    rank: int
+    mp_size: int
+    sp_size: int
+    dp_size: int
+    mp_rank: int
+    sp_rank: int
+    dp_rank: int
+    device: torch.device
+    mp_group: object = None
+    sp_group: object = None
+    dp_group: object = None
+    dpsp_group: object = None  # gradients are reduced over DP x SP (all hold the same weights)
+    mp_ranks: list = field(default_factory=list)  # global ranks of my MP group, by mp_rank
+    sp_ranks: list = field(default_factory=list)  # global ranks of my SP ring, by sp_rank
+    _subgroups: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, mp: int, sp: int, device: torch.device | None = None) -> "ParallelState":
+        """Create every group of the grid (on every rank, same order) and return this rank's state."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grid = rank_grid(world, mp, sp)
+        dp = grid.shape[0]
+        d, s, m = (int(i) for i in (grid == rank).nonzero()[0])
+        state = cls(world, rank, mp, sp, dp, m, s, d, device or torch.device("cpu"))
+
+        def make(groups):
+            mine = None
+            for ranks in groups:
+                ranks = [int(r) for r in ranks]
+                group = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+                if rank in ranks:
+                    mine = (group, ranks)
+            return mine
+
+        state.mp_group, state.mp_ranks = make(grid[i, j, :] for i in range(dp) for j in range(sp))
+        state.sp_group, state.sp_ranks = make(grid[i, :, k] for i in range(dp) for k in range(mp))
+        state.dp_group, _ = make(grid[:, j, k] for j in range(sp) for k in range(mp))
+        state.dpsp_group, _ = make(grid[:, :, k].flatten() for k in range(mp))
+        return state
+
+    @property
+    def mp_src(self) -> int:
+        """Global rank of MP rank 0 in my MP group (the rank whose sampled tokens everyone takes)."""
+        return self.mp_ranks[0]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mp_subgroup(self, size: int):
+        """Group of ``size`` consecutive MP ranks containing me (e.g. the ranks sharing a replicated KV head).
+
+        Creates the subgroups of every MP group on first use; must be called on every rank in the same order.
+        """
+        if size == 1 or size == self.mp_size:
+            return None if size == 1 else self.mp_group
+        if size not in self._subgroups:
+            grid = rank_grid(self.world_size, self.mp_size, self.sp_size)
+            mine = None
+            for ranks in grid.reshape(-1, self.mp_size // size, size).reshape(-1, size):
+                ranks = [int(r) for r in ranks]
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    mine = group
+            self._subgroups[size] = mine
+        return self._subgroups[size]
+
+
+def single_process_state(device: torch.device | None = None) -> ParallelState:
+    """A 1x1x1 state for code paths that run without torch.distributed (tests, tools)."""
+    return ParallelState(1, 0, 1, 1, 1, 0, 0, 0, device or torch.device("cpu"), mp_ranks=[0], sp_ranks=[0])
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's or OpenMPI's environment; (0, 1, 0) when neither is set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    return 0, 1, 0
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """CUDA device ``local_rank`` when a GPU is present, else the CPU; decided once at start-up."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _agree_master_over_mpi(rank: int) -> None:
+    """Started by mpirun without MASTER_ADDR: rank 0 picks its host and a free port and tells the rest over MPI."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise RuntimeError(
+            "started under OpenMPI without MASTER_ADDR/MASTER_PORT: install mpi4py (pip install 'llama_rlhf[mpi]') "
+            "so the ranks can agree on a master address, or export MASTER_ADDR and MASTER_PORT"
+        ) from exc
+    addr_port = None
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname()), port)
+    addr, port = MPI.COMM_WORLD.bcast(addr_port, root=0)
+    os.environ.setdefault("MASTER_ADDR", str(addr))
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> ParallelState:
+    """Start torch.distributed from torchrun's or OpenMPI's environment and build the grid.
+
+    The layout is checked before any rendezvous, so an impossible layout fails on every rank at once.
+    NCCL on CUDA, gloo on CPU.
+    """
+    rank, world, local_rank = launch_env()
+    check_layout(world, mp, sp)
+    device = pick_device(local_rank)
+    if not dist.is_initialized():
+        if "OMPI_COMM_WORLD_RANK" in os.environ and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+            _agree_master_over_mpi(rank)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return ParallelState.build(mp, sp, device)

@@ -1,0 +1,1 @@
+"""Optimizer, gradient synchronisation, schedules, and the SFT and GRPO loops."""
