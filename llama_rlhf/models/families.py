@@ -100,3 +100,16 @@ def get_family(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise ConfigError(f"unknown --model_type {model_type!r}; valid types: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
+
+
+def detect_model_type(ckpt_dir: str) -> str:
+    """Guess --model_type from the checkpoint's config.json (HF) or params.json (Meta original)."""
+    hf_config = os.path.join(ckpt_dir, "config.json")
+    if os.path.isfile(hf_config):
+        hf_type = read_json(hf_config).get("model_type")
+        if hf_type == "llama":
+            return "llama-hf"
+        raise ConfigError(f"{hf_config}: cannot tell the family of model_type {hf_type!r}; pass --model_type "
+                          f"(valid: {', '.join(sorted(FAMILIES))})")
+    raise ConfigError(f"cannot detect the model family in {ckpt_dir} (no config.json or params.json); "
+                      f"pass --model_type (valid: {', '.join(sorted(FAMILIES))})")
