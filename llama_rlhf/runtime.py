@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint.hf import CheckpointError
+from .jsonl import DataError
 from .models.config import ConfigError
 from .parallel.state import LayoutError
 
@@ -20,7 +21,8 @@ class UsageError(ValueError):
 
 
 # Errors whose message is the whole story: shown without a traceback.
-EXPECTED_ERRORS = (UsageError, ConfigError, CheckpointError, LayoutError, FileNotFoundError, FileExistsError)
+EXPECTED_ERRORS = (UsageError, DataError, ConfigError, CheckpointError, LayoutError, FileNotFoundError,
+                   FileExistsError)
 
 
 def rank_label() -> str:
