@@ -32,7 +32,8 @@ LLAMA2_TEMPLATE = (
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
@@ -73,6 +74,11 @@ def read_checkpoint_template(folder: str) -> str | None:
     return template
 
 
+def family_name(model_type: str | None) -> str:
+    """The family part of a model type: 'llama-hf' -> 'llama', 'Gemma2' -> 'gemma2'."""
+    return (model_type or "").lower().split("-")[0]
+
+
 def builtin_template(known_tokens, kind: str, model_type: str | None) -> str | None:
     """A built-in template for a checkpoint without one, chosen by its special tokens, kind and model type."""
     if "<|start_header_id|>" in known_tokens:
@@ -81,7 +87,7 @@ def builtin_template(known_tokens, kind: str, model_type: str | None) -> str | N
         return QWEN1_TEMPLATE
     if "<|im_start|>" in known_tokens:
         return CHATML_TEMPLATE
-    if kind == "sentencepiece" or model_type in ("llama", "llama2"):
+    if kind == "sentencepiece" or family_name(model_type) in ("llama", "llama2"):
         return LLAMA2_TEMPLATE
     return None
 

@@ -1,5 +1,4 @@
-"""Tokenizers behind one interface: tokenizer.json (tokenizers), tokenizer.model (sentencepiece or Llama 3
-tiktoken), qwen.tiktoken (Qwen1); plus end tokens and chat templates read from the checkpoint."""
+"""One tokenizer interface over tokenizer.json, tokenizer.model (sentencepiece or tiktoken) and qwen.tiktoken."""
 from __future__ import annotations
 
 import base64
@@ -11,7 +10,8 @@ import unicodedata
 
 from jinja2.exceptions import TemplateError
 
-from llama_rlhf.chat_template import builtin_template, merge_system_into_user, read_checkpoint_template, render_template
+from llama_rlhf.chat_template import (builtin_template, family_name, merge_system_into_user, read_checkpoint_template,
+                                      render_template)
 
 KINDS = ("tokenizers", "sentencepiece", "tiktoken", "qwen_tiktoken")
 KIND_FILES = {"tokenizers": "tokenizer.json", "sentencepiece": "tokenizer.model",
@@ -76,19 +76,19 @@ class Tokenizer:
         """The prompt text the chat template makes of `messages` (system_prompt is used if none is given)."""
         if self.chat_template is None:
             raise ValueError(f"this {self.kind} tokenizer has no chat template: the checkpoint ships none and none "
-                             f"is built in for model_type={self.model_type!r}; add a chat_template to "
-                             "tokenizer_config.json or pass model_type (llama, llama3, qwen)")
+                             f"is built in for model_type={self.model_type!r}; add a chat_template to its "
+                             "tokenizer_config.json or a chat_template.jinja file")
         if not messages:
             raise ValueError("render_chat needs at least one message")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
-        if system_prompt is not None and not any(m["role"] == "system" for m in messages):
+        if system_prompt is not None and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}] + messages
-        if self.model_type in ("gemma", "gemma2"):  # their templates reject the system role
+        if family_name(self.model_type).startswith("gemma"):  # Gemma templates take no system role
             messages = merge_system_into_user(messages)
         try:
             return render_template(self.chat_template, messages, add_generation_prompt, self.token_names)
         except TemplateError:
-            if messages[0]["role"] != "system":
+            if messages[0].get("role") != "system":
                 raise
         # The template refused the system message: retry with it folded into the first user message.
         return render_template(self.chat_template, merge_system_into_user(messages), add_generation_prompt,
@@ -120,13 +120,15 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, sp, **kwargs):
         self.sp = sp
         self.special_ids = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
-        pieces = sorted((sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
-        self.special_re = re.compile("(" + "|".join(re.escape(p) for p in pieces if p) + ")") if pieces else None
+        pieces = sorted(filter(None, map(sp.id_to_piece, self.special_ids)), key=len, reverse=True)
+        self.special_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
         super().__init__(**kwargs)
 
     def _encode(self, text):
         if self.special_re is None:
             return self.sp.encode(text)
+        # Each text piece between control tokens is encoded on its own (with sentencepiece's prefix space), as
+        # Meta's chat code encodes each turn; transformers v5 instead drops the prefix space after a control token.
         ids = []
         for i, chunk in enumerate(self.special_re.split(text)):  # odd chunks are special-token strings
             if i % 2:
@@ -286,6 +288,8 @@ def _load_hf(file, folder, model_type, config_end_ids) -> Tokenizer:
     """tokenizer.json + tokenizer_config.json (+ config.json / generation_config.json ids)."""
     from tokenizers import Tokenizer as Backend
     backend = Backend.from_file(file)
+    backend.no_truncation()  # a tokenizer.json may carry truncation/padding settings; encode() must not apply them
+    backend.no_padding()
     config = _read_json(folder, "tokenizer_config.json")
     model_config = _read_json(folder, "config.json")
     token_names = {key: _token_content(config[key]) for key in SPECIAL_TOKEN_KEYS if _token_content(config.get(key))}
