@@ -127,10 +127,17 @@ def launch_env() -> tuple[int, int, int]:
 
 
 def pick_device(local_rank: int) -> torch.device:
-    """CUDA device ``local_rank`` when a GPU is present, else the CPU; decided once at start-up."""
+    """CUDA device ``local_rank`` when a GPU is present, else the CPU; decided once at start-up.
+
+    On the CPU the cores are shared out among this node's ranks (torchrun's default is one thread each);
+    LLAMA_RLHF_NUM_THREADS overrides.
+    """
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
+    threads = int(os.environ.get("LLAMA_RLHF_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(threads)
     return torch.device("cpu")
 
 

@@ -1,0 +1,59 @@
+"""Write the built-in demo datasets (deterministic; the committed files are this script's output).
+
+    python examples/make_demo_data.py
+
+examples/data/sft_arithmetic.jsonl   instruction/output pairs: short word problems answered step by step,
+                                     always ending "The answer is N." (a format the base chat model lacks)
+examples/data/grpo_arithmetic.jsonl  instruction/answer pairs for GRPO with the accuracy and format rewards
+examples/data/prompts.jsonl          a few prompts for solver_generate.py
+"""
+import json
+import os
+import random
+
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana", "Ivo", "Jade", "Kofi", "Lena", "Milo", "Nora"]
+THINGS = ["apples", "books", "coins", "pencils", "stamps", "marbles", "cookies", "shells", "cards", "stickers"]
+
+
+def word_problem(rng: random.Random) -> tuple[str, str, int]:
+    """(question, worked answer, numeric answer) for one of four problem shapes."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(2, 40), rng.randint(2, 30)
+    kind = rng.randrange(4)
+    if kind == 0:
+        q = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?"
+        return q, f"{name} starts with {a} and gets {b} more: {a} + {b} = {a + b}. The answer is {a + b}.", a + b
+    if kind == 1:
+        a, b = max(a, b), min(a, b)
+        q = f"{name} had {a} {thing} and gave away {b}. How many {thing} are left?"
+        return q, f"{name} had {a} and gave away {b}: {a} - {b} = {a - b}. The answer is {a - b}.", a - b
+    if kind == 2:
+        a, b = rng.randint(2, 9), rng.randint(2, 12)
+        q = f"There are {a} boxes with {b} {thing} in each box. How many {thing} are there in total?"
+        return q, f"{a} boxes of {b} each: {a} x {b} = {a * b}. The answer is {a * b}.", a * b
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    q = f"{name} shares {a * b} {thing} equally among {a} friends. How many {thing} does each friend get?"
+    return q, f"{a * b} shared among {a}: {a * b} / {a} = {b}. The answer is {b}.", b
+
+
+def main():
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    os.makedirs(here, exist_ok=True)
+    rng = random.Random(2024)
+    with open(os.path.join(here, "sft_arithmetic.jsonl"), "w", encoding="utf-8") as f:
+        for _ in range(400):
+            q, worked, _ = word_problem(rng)
+            f.write(json.dumps({"instruction": q, "output": worked}) + "\n")
+    with open(os.path.join(here, "grpo_arithmetic.jsonl"), "w", encoding="utf-8") as f:
+        for _ in range(200):
+            q, _, n = word_problem(rng)
+            f.write(json.dumps({"instruction": q + " Put the final number in <answer></answer>.",
+                                "answer": str(n)}) + "\n")
+    with open(os.path.join(here, "prompts.jsonl"), "w", encoding="utf-8") as f:
+        for _ in range(4):
+            q, _, n = word_problem(rng)
+            f.write(json.dumps({"instruction": q, "answer": str(n)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
