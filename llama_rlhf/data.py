@@ -112,17 +112,18 @@ def _plain_pieces(obj: dict, where: str) -> list[tuple[str, bool]]:
 
 
 def truncate(ids: list[int], trained: list[bool], max_len: int, bos_id) -> tuple[list[int], list[bool]]:
-    """Fit into ``max_len``. One response at the end: cut the prompt from the left (its generation header,
-    at the prompt's end, survives; BOS is kept) and then the response's tail. Otherwise cut from the right."""
+    """Fit into ``max_len``. One response span: cut the prompt from the left (its generation header, at the
+    prompt's end, survives; BOS is kept), drop template glue after the response, then cut the response's tail.
+    Several spans (multi-turn) or none: cut from the right."""
     if len(ids) <= max_len:
         return ids, trained
-    first = trained.index(True) if True in trained else len(ids)
-    if all(trained[first:]):
-        response = len(ids) - first
+    spans = [i for i, t in enumerate(trained) if t]
+    if spans and all(trained[spans[0]:spans[-1] + 1]):
+        first, response = spans[0], spans[-1] + 1 - spans[0]
         keep_prompt = min(first, max(max_len - response, max_len // 2))
-        head = 1 if keep_prompt and ids[0] == bos_id and bos_id is not None else 0
+        head = 1 if keep_prompt and bos_id is not None and ids[0] == bos_id else 0
         prompt_ids = ids[:head] + ids[first - (keep_prompt - head):first] if keep_prompt else []
-        out = prompt_ids + ids[first:first + max_len - len(prompt_ids)]
+        out = prompt_ids + ids[first:first + min(response, max_len - len(prompt_ids))]
         return out, [False] * len(prompt_ids) + [True] * (len(out) - len(prompt_ids))
     return ids[:max_len], trained[:max_len]
 

@@ -49,7 +49,7 @@ def losses(log_dir):
 def test_loss_falls_end_to_end(tiny_model, small_data, tmp_path, layout):
     mp, sp, dp = layout
     out = str(tmp_path / "run")
-    proc = torchrun("solver_train.py", train_args(tiny_model, small_data, out, "--max_steps", "20",
+    proc = torchrun("solver_train.py", train_args(tiny_model, small_data, out, "--max_steps", "20", "--epochs", "4",
                                                   "--model_parallel_size", str(mp),
                                                   "--sequence_parallel_size", str(sp)), nproc=mp * sp * dp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,18 +146,20 @@ def test_sample_without_response_after_truncation_is_skipped_and_reported(tiny_m
     rows = [{"instruction": "word " * 300, "output": "x"}, {"instruction": "short question", "output": "short"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = load_tokenizer(tiny_model)
-    samples, stats = load_samples(str(data), tok, True, None, 32)
+    samples, stats = load_samples(str(data), tok, True, None, 64)
     assert stats.truncated == 1 and stats.skipped_no_response == 0 and len(samples) == 2
     # the long prompt was cut from the left: its generation header survives right before the response
     header = tok.encode("<|im_start|>assistant\n")
     ids = samples[0].ids
     first_trained = next(i for i, t in enumerate(samples[0].labels) if t != -100) + 1
     assert ids[first_trained - len(header):first_trained] == header
-    assert len(ids) == 32
-    # a response that is only padding-length zero cannot exist; an empty 'output' yields only the end token
-    rows = [{"instruction": "q", "output": ""}, {"text": ""}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(ids) == 64 and tok.decode(samples[0].labels[-3:-1]) == "x"
+    # a multi-turn chat is cut from the right: when no assistant token survives, the sample is skipped and counted
+    long_chat = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "a"},
+                              {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"}]}
+    data.write_text(json.dumps(long_chat) + "\n" + json.dumps(rows[1]) + "\n")
     samples, stats = load_samples(str(data), tok, True, None, 32)
-    assert len(samples) == 2 and all(s.trained_tokens >= 1 for s in samples)
-    samples, stats = load_samples(str(data), tok, True, None, 1)
-    assert stats.skipped_no_response >= 1
+    assert len(samples) == 1 and stats.skipped_no_response == 1
+    data.write_text(json.dumps(long_chat) + "\n")
+    with pytest.raises(Exception, match="no usable training samples .1 had no response tokens left"):
+        load_samples(str(data), tok, True, None, 32)
