@@ -8,7 +8,11 @@ import torch.nn as nn
 
 from .config import ConfigError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class PositionError(ValueError):
+    """A position id beyond what the model was built for (max_position_embeddings)."""
 
 
 def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -66,8 +70,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
         super().__init__()
         rope_type = (scaling or {}).get("rope_type", "default")
-        self.scale = 1.0
-        if rope_type == "default":
+        self.scale, self.max_positions = 1.0, int(max_positions)
+        # "dynamic" (NTK, InternLM3) changes the base only beyond max_position_embeddings, which is refused below,
+        # so within the limit it is plain RoPE (as transformers computes it for seq_len <= max_position_embeddings)
+        if rope_type in ("default", "dynamic"):
             inv_freq = base_inv_freq(theta, head_dim)
         elif rope_type == "linear":
             inv_freq = base_inv_freq(theta, head_dim) / float(scaling["factor"])
@@ -81,7 +87,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, S] -> cos, sin [B, S, 1, head_dim] (fp32, broadcast over heads)."""
+        """position_ids [B, S] -> cos, sin [B, S, 1, head_dim] (fp32, broadcast over heads).
+
+        A position at or beyond max_position_embeddings is an error (the model was not built for it).
+        """
+        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
+            raise PositionError(f"position {int(position_ids.max())} is beyond this model's max_position_embeddings "
+                                f"({self.max_positions}): sequences may be at most {self.max_positions} tokens long; "
+                                f"shorten them (e.g. --max_seq_len {self.max_positions})")
         freqs = position_ids.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(position_ids.device)  # [B, S, D/2]
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # [B, S, 1, D]
         return emb.cos() * self.scale, emb.sin() * self.scale
