@@ -1,0 +1,1 @@
+"""Benchmarks: this framework against what users would use instead, on the same work in the same run."""

@@ -1,0 +1,150 @@
+"""Training-step throughput and peak memory: this framework vs HF transformers + torch AdamW, same work.
+
+SmolLM2-135M-Instruct, batch 4 x seq 512 (quick: 2 x 256), random tokens, one optimizer step per iteration
+(forward, backward, AdamW). Each configuration runs in its own process(es) so peak RSS is its own.
+
+    python -m benchmarks.train_step [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _batch(vocab, batch, seq, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return ids, ids.clone()
+
+
+def worker_hf(model_dir, dtype_name, batch, seq, steps):
+    """transformers' forward/backward (its own loss) + torch AdamW on fp32 weights, autocast for bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    ids, labels = _batch(model.config.vocab_size, batch, seq)
+    dtype = getattr(torch, dtype_name)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return times[1:], float(loss)
+
+
+def worker_ours(model_dir, dtype_name, batch, seq, steps):
+    """This framework's train step (vocab-parallel loss, grad sync, clipping, AdamW) at the launched layout."""
+    import torch
+
+    from llama_rlhf.data import Row
+    from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.parallel.state import init_parallel
+    from llama_rlhf.training.grad_sync import GradientSync
+    from llama_rlhf.training.optim import make_optimizer
+    from llama_rlhf.training.sft import train_step
+    mp = int(os.environ.get("WORLD_SIZE", "1"))
+    ps = init_parallel(mp, 1)
+    model = load_pretrained(model_dir, "llama-hf", ps)
+    model.train()
+    opt = make_optimizer(model, 1e-5, 0.0)
+    sync = GradientSync(model, ps)
+    ids, _ = _batch(model.cfg.vocab_size, batch, seq)
+    rows = [Row(r.tolist(), r[1:].tolist() + [-100], list(range(seq)), [0] * seq) for r in ids]
+    trained = batch * (seq - 1)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        result = train_step(model, opt, sync, [rows], trained, ps, getattr(torch, dtype_name), 0, 0.0, False)
+        times.append(time.perf_counter() - t)
+    return times[1:], result.loss
+
+
+def run_worker(args):
+    fn = worker_hf if args.impl == "hf" else worker_ours
+    times, loss = fn(args.model_dir, args.dtype, args.batch, args.seq, args.steps)
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"rank": rank, "times": times, "loss": loss, "peak_rss_mb": peak_rss_mb()}
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def measure(impl, mp, dtype, model_dir, batch, seq, steps):
+    """Run one configuration in fresh processes; returns median step time and the largest per-rank peak RSS."""
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", "--impl", impl, "--dtype", dtype,
+           "--model_dir", model_dir, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if impl == "ours":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(mp), "--master_port",
+               str(29700 + mp), "-m"] + cmd[2:]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    records = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    times = sorted(records[0]["times"])
+    tokens = batch * seq
+    return {"impl": "transformers" if impl == "hf" else "llama_rlhf", "mp": mp, "dtype": dtype,
+            "batch": batch, "seq": seq, "step_s_median": times[len(times) // 2], "step_s_min": times[0],
+            "step_s_max": times[-1], "tokens_per_s": tokens / times[len(times) // 2],
+            "peak_rss_mb_per_rank": max(r["peak_rss_mb"] for r in records), "loss": records[0]["loss"]}
+
+
+def run(quick: bool = False) -> list[dict]:
+    sys.path.insert(0, ROOT)
+    from tools.fetch_smollm2 import ensure_smollm2
+    model_dir = ensure_smollm2()
+    batch, seq, steps = (2, 256, 2) if quick else (4, 512, 3)
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        hf = measure("hf", 1, dtype, model_dir, batch, seq, steps)
+        rows.append(hf)
+        for mp in (1, 3) if dtype == "float32" or not quick else (1,):
+            ours = measure("ours", mp, dtype, model_dir, batch, seq, steps)
+            ours["speedup_vs_transformers"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+            ours["rss_ratio_vs_transformers"] = ours["peak_rss_mb_per_rank"] / hf["peak_rss_mb_per_rank"]
+            rows.append(ours)
+    return rows
+
+
+def print_table(rows):
+    print(f"{'impl':<13}{'MP':>3} {'dtype':<9}{'tok/s':>9}{'step s (min-max)':>22}{'peak RSS MB':>13}{'vs HF':>8}")
+    for r in rows:
+        ratio = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else ""
+        span = f"{r['step_s_median']:.2f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f})"
+        print(f"{r['impl']:<13}{r['mp']:>3} {r['dtype']:<9}{r['tokens_per_s']:>9.0f}{span:>22}"
+              f"{r['peak_rss_mb_per_rank']:>13.0f}{ratio:>8}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=("hf", "ours"), help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--model_dir", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run_worker(args)
+    else:
+        print_table(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()
