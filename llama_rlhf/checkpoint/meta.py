@@ -20,7 +20,9 @@ from ..models.config import ConfigError, ModelConfig, require
 from .hf import CheckpointError
 
 META_TOKENIZER_KINDS = {"llama": "sentencepiece", "llama3": "tiktoken"}
-DEFAULT_THETA = {"llama": 10000.0, "llama3": 500000.0}  # Llama 2's fixed base; Llama 3 ModelArgs' default
+# Llama 2's reference code has no rope_theta: its base is fixed at 10000 (Code Llama states 1e6 in params.json).
+# Llama 3 params.json always state it; if one does not, Meta's Llama 3 ModelArgs default is used with a warning.
+LLAMA2_THETA, LLAMA3_DEFAULT_THETA = 10000.0, 500000.0
 # Context lengths the released models were trained for (params.json does not say).
 DEFAULT_CONTEXT = {"llama": 4096, "llama3": 8192, "llama3_scaled": 131072}
 # Meta's apply_scaling constants for use_scaled_rope (Llama 3.1+). Llama 3.2 1B/3B were trained with factor 32
@@ -123,9 +125,11 @@ def meta_config(d: dict, source: str, model_type: str, ckpt_dir: str = "") -> Mo
     if vocab is None or int(vocab) <= 0:
         vocab = _tokenizer_vocab(ckpt_dir, model_type, source, vocab)
     theta = d.get("rope_theta")
-    if theta is None:
-        theta = DEFAULT_THETA[model_type]
-        warnings.warn(f"{source}: no rope_theta; using {theta:g}, the reference value for --model_type {model_type}")
+    if theta is None and model_type == "llama":
+        theta = LLAMA2_THETA
+    elif theta is None:
+        theta = LLAMA3_DEFAULT_THETA
+        warnings.warn(f"{source}: no rope_theta; using {theta:g}, Meta's Llama 3 ModelArgs default")
     scaling, context = None, DEFAULT_CONTEXT[model_type]
     if d.get("use_scaled_rope"):
         scaling = dict(LLAMA3_SCALING)
