@@ -86,7 +86,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.sp_group is not None:
             from ..parallel.ring_attention import ring_attention
-            out = ring_attention(q, k, v, ctx.sp_group, scale=self.scale, softcap=self.softcap, window=self.window)
+            out = ring_attention(q, k, v, ctx.sp_group, scale=self.scale, softcap=self.softcap, window=self.window,
+                                 segment_ids=ctx.segment_ids)  # this rank's zigzag chunks, whole-sequence attention
         else:
             if ctx.kv_cache is not None:
                 k, v = ctx.kv_cache.update(self.layer, k, v)  # [B, Sk, Hkv_local, D]
@@ -172,11 +173,19 @@ class CausalLM(nn.Module):
         the zigzag chunk's tokens and true positions.
         """
         b, s = input_ids.shape
+        sp_group = self.ps.sp_group if self.ps.sp_size > 1 else None
+        if sp_group is not None:
+            if kv_cache is not None or key_valid is not None:
+                raise ValueError("--sequence_parallel_size > 1 is for training on right-padded batches: generation "
+                                 "(kv_cache) and key padding masks (key_valid) need --sequence_parallel_size 1")
+            if position_ids is None:  # the zigzag chunks' true positions
+                from ..parallel.sequence_split import zigzag_slots
+                position_ids = zigzag_slots(s * self.ps.sp_size, self.ps.sp_size, self.ps.sp_rank,
+                                            input_ids.device).expand(b, s)
         q_start = kv_cache.start if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(q_start, q_start + s, device=input_ids.device).expand(b, s)
         cos, sin = self.model.rotary(position_ids)
-        sp_group = self.ps.sp_group if self.ps.sp_size > 1 else None
         ctx = ForwardContext(cos, sin, segment_ids, key_valid, kv_cache, sp_group, masks={})
         if sp_group is None:
             k_len = q_start + s
