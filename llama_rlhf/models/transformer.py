@@ -173,11 +173,12 @@ class CausalLM(nn.Module):
         the zigzag chunk's tokens and true positions.
         """
         b, s = input_ids.shape
-        sp_group = self.ps.sp_group if self.ps.sp_size > 1 else None
+        # generation (a KV cache) runs whole sequences on every rank; SP peers hold the same weights
+        sp_group = self.ps.sp_group if self.ps.sp_size > 1 and kv_cache is None else None
         if sp_group is not None:
-            if kv_cache is not None or key_valid is not None:
-                raise ValueError("--sequence_parallel_size > 1 is for training on right-padded batches: generation "
-                                 "(kv_cache) and key padding masks (key_valid) need --sequence_parallel_size 1")
+            if key_valid is not None:
+                raise ValueError("--sequence_parallel_size > 1 is for training on right-padded batches: key "
+                                 "padding masks (key_valid) need whole sequences")
             if position_ids is None:  # the zigzag chunks' true positions
                 from ..parallel.sequence_split import zigzag_slots
                 position_ids = zigzag_slots(s * self.ps.sp_size, self.ps.sp_size, self.ps.sp_rank,

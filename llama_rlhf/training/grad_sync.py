@@ -45,7 +45,10 @@ class GradientSync:
         self.bucket_elems = int(bucket_mb * 2**20 / 4)
 
     def _all_reduce_bucketed(self, params, group) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
+        for p in params:  # a rank that had no tokens this step still joins with zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         bucket, elems = [], 0
         for g in grads + [None]:
             if g is not None:
