@@ -116,7 +116,10 @@ def single_process_state(device: torch.device | None = None) -> ParallelState:
 
 
 def launch_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's or OpenMPI's environment; (0, 1, 0) when neither is set."""
+    """(rank, world_size, local_rank) from torchrun's or OpenMPI's environment; (0, 1, 0) when neither is set.
+
+    torchrun's variables win: under mpirun.sh every torchrun worker also inherits its launcher's OMPI_* values.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -124,6 +127,12 @@ def launch_env() -> tuple[int, int, int]:
         return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                 int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
     return 0, 1, 0
+
+
+def started_by_mpirun() -> bool:
+    """True for a direct start (``mpirun -np N python solver.py``): OpenMPI's rank variables, no torchrun ones."""
+    env = os.environ
+    return "OMPI_COMM_WORLD_RANK" in env and not ("RANK" in env and "WORLD_SIZE" in env)
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -141,8 +150,38 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _master_address(hostnames: list[str]) -> str:
+    """An address of this host (rank 0) that every rank can reach: loopback when all ranks share this host."""
+    if all(h == hostnames[0] for h in hostnames):
+        return "127.0.0.1"
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    if not addr.startswith("127."):
+        return addr
+    # The hostname maps to loopback (Debian's 127.0.1.1): take the source address of the default route
+    # (a UDP connect sends nothing).
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError as exc:
+        raise RuntimeError(
+            f"ranks run on several hosts ({', '.join(sorted(set(hostnames)))}) but {hostnames[0]} (rank 0) has no "
+            "routable address to offer them: export MASTER_ADDR (rank 0's address) and MASTER_PORT"
+        ) from exc
+
+
 def _agree_master_over_mpi(rank: int) -> None:
-    """Started by mpirun without MASTER_ADDR: rank 0 picks its host and a free port and tells the rest over MPI."""
+    """Started by mpirun without MASTER_ADDR/MASTER_PORT: rank 0 picks its address and a free port, and
+    broadcasts them over MPI (mpi4py) so every rank rendezvouses at the same place."""
     try:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
@@ -150,28 +189,34 @@ def _agree_master_over_mpi(rank: int) -> None:
             "started under OpenMPI without MASTER_ADDR/MASTER_PORT: install mpi4py (pip install 'llama_rlhf[mpi]') "
             "so the ranks can agree on a master address, or export MASTER_ADDR and MASTER_PORT"
         ) from exc
+    comm = MPI.COMM_WORLD
+    hostnames = comm.allgather(socket.gethostname())
     addr_port = None
     if rank == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname()), port)
-    addr, port = MPI.COMM_WORLD.bcast(addr_port, root=0)
-    os.environ.setdefault("MASTER_ADDR", str(addr))
-    os.environ.setdefault("MASTER_PORT", str(port))
+        addr_port = (os.environ.get("MASTER_ADDR") or _master_address(hostnames),
+                     os.environ.get("MASTER_PORT") or str(_free_port()))
+    addr, port = comm.bcast(addr_port, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = str(addr), str(port)
 
 
 def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> ParallelState:
     """Start torch.distributed from torchrun's or OpenMPI's environment and build the grid.
+
+    Direct start under OpenMPI (``mpirun -np N python solver.py``): rank, world and local rank come from
+    OMPI_COMM_WORLD_*; MASTER_ADDR/MASTER_PORT are agreed over MPI when not exported.
 
     The layout is checked before any rendezvous, so an impossible layout fails on every rank at once.
     NCCL on CUDA, gloo on CPU.
     """
     rank, world, local_rank = launch_env()
     check_layout(world, mp, sp)
+    direct_mpi = started_by_mpirun() and not dist.is_initialized()
+    if direct_mpi:  # look like torchrun's workers to everything downstream
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                          LOCAL_WORLD_SIZE=os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
     device = pick_device(local_rank)
     if not dist.is_initialized():
-        if "OMPI_COMM_WORLD_RANK" in os.environ and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        if direct_mpi and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
             _agree_master_over_mpi(rank)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
