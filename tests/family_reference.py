@@ -87,11 +87,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_parity(case: dict, layouts) -> None:
-    """Load ``case['folder']`` as ``case['model_type']`` at every (mp, sp) layout; compare with the reference."""
+    """Load ``case['folder']`` as ``case['model_type']`` at every (mp, sp) layout; compare with the reference.
+
+    Under SP each rank feeds its zigzag chunks (true positions) and compares them with the same chunks of the
+    reference; labels are shifted on the whole sequence before splitting, the loss is summed over the SP ring
+    and so are the gradients (each rank's are its tokens' share).
+    """
     from llama_rlhf.models.pretrained import load_pretrained
-    from llama_rlhf.parallel.comm import gather_from_group
+    from llama_rlhf.parallel.comm import all_reduce, gather_from_group
     from llama_rlhf.parallel.cross_entropy import mean_over_tokens, vocab_parallel_cross_entropy
     from llama_rlhf.parallel.layers import take_shard
+    from llama_rlhf.parallel.sequence_split import zigzag_split
     from llama_rlhf.training.grad_sync import GradientSync
     from tests.distributed import grid
 
@@ -100,21 +106,28 @@ def check_parity(case: dict, layouts) -> None:
     for mp, sp in layouts:
         ps = grid(mp, sp)
         model = load_pretrained(case["folder"], case["model_type"], ps)
-        ids, positions, labels = ref["ids"], ref["positions"], ref["labels"]
-        logits = model(ids, position_ids=positions)  # [B, S, V_padded / mp]
+        labels = ref["labels"]
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # shifted: [B, S]
+        ids, positions, ref_logits = ref["ids"], ref["positions"], ref["logits"]
+        if sp > 1:  # [B, S] -> this rank's zigzag chunks [B, S / sp]
+            ids, positions, targets, ref_logits = (zigzag_split(t, sp, ps.sp_rank)
+                                                   for t in (ids, positions, targets, ref_logits))
+        logits = model(ids, position_ids=positions)  # [B, S / sp, V_padded / mp]
         full = gather_from_group(logits.detach(), ps.mp_group)[..., :model.cfg.vocab_size]
-        d_logits = max_diff(full, ref["logits"])
+        d_logits = max_diff(full, ref_logits)
         assert d_logits <= TOL, f"{name} MP={mp} SP={sp}: logits differ by {d_logits:.2e}"
-        target = labels[:, 1:]
-        loss = mean_over_tokens(vocab_parallel_cross_entropy(logits[:, :-1], target, ps.mp_group), target, None)
-        d_loss = abs(loss.item() - ref["loss"].item())
-        assert d_loss <= TOL, f"{name} MP={mp} SP={sp}: loss {loss.item():.6f} vs transformers {ref['loss']:.6f}"
+        sp_group = ps.sp_group if sp > 1 else None
+        loss = mean_over_tokens(vocab_parallel_cross_entropy(logits, targets, ps.mp_group), targets, sp_group)
+        total = all_reduce(loss.detach(), sp_group) if sp > 1 else loss.detach()
+        d_loss = abs(total.item() - ref["loss"].item())
+        assert d_loss <= TOL, f"{name} MP={mp} SP={sp}: loss {total.item():.6f} vs transformers {ref['loss']:.6f}"
         loss.backward()
         GradientSync(model, ps).reduce_model_parallel()
         d_grad = 0.0
         for pname, p in model.named_parameters():
+            grad = all_reduce(p.grad, sp_group) if sp > 1 else p.grad
             expected = take_shard(ref["grad." + pname], p.shard)
-            d = max_diff(p.grad, expected)
+            d = max_diff(grad, expected)
             assert d <= TOL, f"{name} MP={mp} SP={sp}: gradient of {pname} differs by {d:.2e}"
             d_grad = max(d_grad, d)
         diffs[f"mp{mp}_sp{sp}"] = {"logits": d_logits, "loss": d_loss, "grad": d_grad}

@@ -27,7 +27,7 @@ from tests.distributed import assert_check, run_checks
 from tests.family_reference import (assert_changes, batch, build_hf_model, check_parity, hf_logits, load_hf,
                                     read_diffs, write_reference)
 
-LAYOUTS = [(1, 1), (2, 1)]
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, rms_norm_eps=1e-5, attention_dropout=0.0)
 

@@ -25,7 +25,7 @@ from tests.distributed import assert_check, run_checks
 from tests.family_reference import (assert_changes, batch, build_hf_model, check_parity, hf_logits, load_hf,
                                     read_diffs, write_reference)
 
-LAYOUTS = [(1, 1), (2, 1), (4, 1)]
+LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
         "Sphinx of black quartz, judge my vow; 0123456789.", "How vexingly quick daft zebras jump?"]
 

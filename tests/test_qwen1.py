@@ -22,7 +22,7 @@ from llama_rlhf.tokenizer import load_tokenizer
 from tests.distributed import assert_check, run_checks
 from tests.family_reference import batch, build_hf_model, check_parity, read_diffs, write_reference
 
-LAYOUTS = [(1, 1), (2, 1)]
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 
 
 def qwen1_state(hf_state: dict, num_layers: int) -> dict:
