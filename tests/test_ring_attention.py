@@ -254,3 +254,41 @@ def test_split_pads_and_permutes_every_field_identically():
     assert kept == int((labels != -100).sum()), "a trained token was dropped"
     with pytest.raises(ValueError, match="do not know how to pad"):
         pad_to_multiple({"input_ids": ids, "weird": ids}, 4)
+
+
+def test_flash_attn_wrapper_plumbing(monkeypatch):
+    """The flash-attn kernel's layout and argument plumbing, with flash-attn's private API (>= 2.7: [B, S, H, D]
+    tensors; forward -> out, lse [B, H, S], S_dmask, rng_state; backward fills dq, dk, dv) stood in for by the
+    math kernel, through a whole single-rank ring with a window (masked blocks fall back to the math kernel)."""
+    import llama_rlhf.parallel.ring_attention as ra
+
+    def fake_forward(q, k, v, dropout_p, scale, causal, left, right, softcap, alibi, return_softmax):
+        assert q.stride(-1) == 1 and dropout_p == 0.0 and (left, right) == (-1, -1) and alibi is None
+        assert not return_softmax and q.shape[2] == HQ and k.shape[2] == HKV  # [B, S, H, D]
+        out, lse = MathKernel.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal, scale,
+                                      softcap or None)
+        return out.transpose(1, 2).to(q.dtype), lse, None, None
+
+    def fake_backward(dout, q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
+                      deterministic, rng_state):
+        assert dq.shape == q.shape and dk.shape == k.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+        grads = MathKernel.backward(*(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, None, causal, scale,
+                                    softcap or None)
+        for target, grad in zip((dq, dk, dv), grads):
+            target.copy_(grad.transpose(1, 2))
+
+    monkeypatch.setattr(ra, "_flash_attn_forward", fake_forward)
+    monkeypatch.setattr(ra, "_flash_attn_backward", fake_backward)
+    monkeypatch.setattr(ra.FlashAttnKernel, "available", staticmethod(lambda q: True))
+    (q, k, v, dout), segments = make_inputs(16, 5, torch.float64)
+    for window, softcap in ((None, None), (6, None), (None, 20.0)):
+        local = [t.clone().requires_grad_() for t in (q, k, v)]
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        with use_kernel("flash_attn"):
+            out = ring_attention(*local, None, 0.35, softcap, window)
+        ref = reference_attention(*full, 0.35, window, None, softcap)
+        out.backward(dout)
+        ref.backward(dout)
+        assert (out - ref).abs().max() <= 1e-12
+        for a, b in zip(local, full):
+            assert (a.grad - b.grad).abs().max() <= 1e-12

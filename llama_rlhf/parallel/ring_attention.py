@@ -25,10 +25,11 @@ import torch.distributed as dist
 
 from .sequence_split import zigzag_slots
 
-try:  # optional: the CUDA kernel; its private forward/backward (flash-attn >= 2.6) return and take the lse
+try:  # optional: the CUDA kernel; its private forward/backward (flash-attn >= 2.7) return and take the lse
     from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward  # type: ignore
-    if "softcap" not in inspect.signature(getattr(_flash_attn_forward, "_init_fn", _flash_attn_forward)).parameters:
-        raise ImportError("flash-attn older than 2.6")
+    _params = inspect.signature(getattr(_flash_attn_forward, "_init_fn", _flash_attn_forward)).parameters
+    if not {"window_size_left", "softcap"} <= set(_params):
+        raise ImportError("flash-attn older than 2.7: its private API differs; the math kernel is used instead")
 except Exception:  # noqa: BLE001 - any import failure just means "not available"
     _flash_attn_forward = _flash_attn_backward = None
 
@@ -118,9 +119,8 @@ class CpuFlashKernel:
 
     @classmethod
     def backward(cls, dout, q, k, v, out, lse, mask, causal, scale, softcap):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
-            0.0, causal, attn_mask=cls._additive(mask, q.dtype), scale=scale)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(  # strided inputs are fine
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=cls._additive(mask, q.dtype), scale=scale)
 
 
 class FlashAttnKernel:
@@ -319,6 +319,11 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[..., S, H, D] -> [..., H, S, D] as a view: block kernels see [B, H, S, D] over [B, S, H, D] memory."""
+    return x.transpose(-3, -2)
+
+
 class _RingAttention(torch.autograd.Function):
     """fwd: K/V once around the SP ring (P2P next/previous), partial outputs merged by log-sum-exp;
     bwd: K/V around again, dK/dV accumulators travelling with them arrive at their owners after SP hops."""
@@ -330,29 +335,31 @@ class _RingAttention(torch.autograd.Function):
             kernel = choose_kernel(q, softcap, kernel_name)
             segments = ring.all_gather(segment_ids) if segment_ids is not None else None
             plan = BlockPlan(ring, q.shape[1], q.device, window, segments)
-            qh = q.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D]
-            kv = torch.stack([k, v]).transpose(2, 3).contiguous()  # one buffer [2, B, Hkv, S, D], q's dtype
-            out = lse = None
+            acc = accumulation_dtype(q.dtype)
+            kv = torch.stack([k, v])  # the travelling buffer [2, B, S, Hkv, D], q's dtype on every rank
+            out = _heads_first(torch.empty(q.shape, dtype=acc, device=q.device))  # [B, H, S, D] view
+            lse = None  # [B, H, S]
             for step in range(ring.size):
                 source = (ring.rank - step) % ring.size
-                incoming = ring.pass_on(kv, TAG_KV) if step + 1 < ring.size else None  # overlap with compute
+                incoming = ring.pass_on(kv, TAG_KV) if step + 1 < ring.size else None  # overlaps the compute
                 block = plan.block(source)
                 if block is not None:
                     _notify("forward", block)
-                    rows = block.q_rows
-                    o, l = _kernel_for(kernel, block).forward(qh[:, :, rows], kv[0][:, :, block.k_rows],
-                                                               kv[1][:, :, block.k_rows], block.mask, block.causal,
-                                                               scale, softcap)
-                    if out is None:  # the diagonal block comes first and gives every row a finite lse
-                        out, lse = o.to(l.dtype).contiguous(), l.clone()
+                    rows, keys = block.q_rows, block.k_rows
+                    o, l = _kernel_for(kernel, block).forward(
+                        _heads_first(q[:, rows]), _heads_first(kv[0, :, keys]), _heads_first(kv[1, :, keys]),
+                        block.mask, block.causal, scale, softcap)
+                    if lse is None:  # the diagonal block comes first and gives every row a finite lse
+                        out.copy_(o)
+                        lse = l.to(acc)
                     else:
                         merged = torch.logaddexp(lse[:, :, rows], l)
                         out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - merged).unsqueeze(-1)
-                                           + o.to(out.dtype) * torch.exp(l - merged).unsqueeze(-1))
+                                           + o * torch.exp(l - merged).unsqueeze(-1))
                         lse[:, :, rows] = merged
                 if incoming is not None:
                     kv = incoming.wait()
-            out = out.to(q.dtype).transpose(1, 2).contiguous()  # [B, H, S, D] -> [B, S, H, D]
+            out = out.transpose(1, 2).to(q.dtype)  # [B, S, H, D], contiguous
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.softcap, ctx.kernel = group, scale, softcap, kernel
         ctx.window, ctx.segments = window, segments
@@ -366,33 +373,32 @@ class _RingAttention(torch.autograd.Function):
             ring = Ring(ctx.group)
             plan = BlockPlan(ring, q.shape[1], q.device, ctx.window, ctx.segments)
             acc = accumulation_dtype(q.dtype)
-            qh, oh, doh = q.transpose(1, 2), out.transpose(1, 2), dout.to(q.dtype).transpose(1, 2)  # [B, H, S, D]
-            kv = torch.stack([k, v]).transpose(2, 3).contiguous()  # [2, B, Hkv, S, D]
-            dq = torch.zeros(qh.shape, dtype=acc, device=q.device)
+            dout = dout.to(q.dtype)
+            kv = torch.stack([k, v])  # [2, B, S, Hkv, D]
+            dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # [B, S, H, D]
             travelling = None  # the dK/dV accumulator arriving from the previous rank
             for step in range(ring.size):
                 source = (ring.rank - step) % ring.size
                 incoming = ring.pass_on(kv, TAG_KV) if step + 1 < ring.size else None
-                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # my contribution to source's dK/dV
+                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # my part of source's dK/dV [2, B, S, Hkv, D]
                 block = plan.block(source)
                 if block is not None:
                     _notify("backward", block)
                     rows, keys = block.q_rows, block.k_rows
                     gq, gk, gv = _kernel_for(kernel, block).backward(
-                        doh[:, :, rows], qh[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], oh[:, :, rows],
-                        lse[:, :, rows], block.mask, block.causal, scale, softcap)
-                    dq[:, :, rows] += gq
-                    dkv[0][:, :, keys] += gk
-                    dkv[1][:, :, keys] += gv
+                        *(_heads_first(t[:, rows]) for t in (dout, q)), _heads_first(kv[0, :, keys]),
+                        _heads_first(kv[1, :, keys]), _heads_first(out[:, rows]), lse[:, :, rows], block.mask,
+                        block.causal, scale, softcap)
+                    dq[:, rows] += gq.transpose(1, 2)
+                    dkv[0, :, keys] += gk.transpose(1, 2)
+                    dkv[1, :, keys] += gv.transpose(1, 2)
                 if travelling is not None:
                     dkv += travelling.wait()
                 travelling = ring.pass_on(dkv, TAG_DKV)  # on to the next rank, which holds source's K/V next
                 if incoming is not None:
                     kv = incoming.wait()
             dkv = travelling.wait()  # after SP hops: the gradient of my own K/V
-            dq = dq.transpose(1, 2).to(q.dtype)
-            dk, dv = dkv[0].transpose(1, 2).to(k.dtype), dkv[1].transpose(1, 2).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group, scale: float,
