@@ -224,4 +224,8 @@ def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> Pa
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": device} if device.type == "cuda" else {}))
-    return ParallelState.build(mp, sp, device)
+    state = ParallelState.build(mp, sp, device)
+    # Every rank leaves start-up together: rank 0 hosts the rendezvous store, and a rank that fails right after
+    # start-up must not vanish while a peer still waits on that store.
+    dist.barrier()
+    return state
