@@ -80,6 +80,9 @@ class ParallelState:
         state.sp_group, state.sp_ranks = make(grid[i, :, k] for i in range(dp) for k in range(mp))
         state.dp_group, _ = make(grid[:, j, k] for j in range(sp) for k in range(mp))
         state.dpsp_group, _ = make(grid[:, :, k].flatten() for k in range(mp))
+        for size in range(2, mp):  # every possible replicated-KV subgroup, made now while all ranks are here
+            if mp % size == 0:
+                state._subgroups[size], _ = make(grid.reshape(-1, size))
         return state
 
     @property
@@ -92,21 +95,11 @@ class ParallelState:
         return self.rank == 0
 
     def mp_subgroup(self, size: int):
-        """Group of ``size`` consecutive MP ranks containing me (e.g. the ranks sharing a replicated KV head).
-
-        Creates the subgroups of every MP group on first use; must be called on every rank in the same order.
-        """
+        """Group of ``size`` consecutive MP ranks containing me (e.g. the ranks sharing a replicated KV head)."""
         if size == 1 or size == self.mp_size:
             return None if size == 1 else self.mp_group
         if size not in self._subgroups:
-            grid = rank_grid(self.world_size, self.mp_size, self.sp_size)
-            mine = None
-            for ranks in grid.reshape(-1, self.mp_size // size, size).reshape(-1, size):
-                ranks = [int(r) for r in ranks]
-                group = dist.new_group(ranks)
-                if self.rank in ranks:
-                    mine = group
-            self._subgroups[size] = mine
+            raise ValueError(f"no MP subgroup of size {size}: it must divide --model_parallel_size {self.mp_size}")
         return self._subgroups[size]
 
 
