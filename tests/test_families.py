@@ -11,11 +11,10 @@ Config-level checks (detection, bad input, sequence limits) run in the pytest pr
 """
 import json
 import os
-import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llama_rlhf.models.config import ConfigError
 from llama_rlhf.models.families import FAMILIES, detect, detect_model_type, get_family, read_hf_rope
@@ -238,6 +237,8 @@ def test_rope_forms_agree():
         assert read_hf_rope({}, "x", 1e4) == (1e4, None)
     with pytest.raises(ConfigError, match="rope_theta"):
         read_hf_rope({}, "x", None)
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5 is not supported"):
+        read_hf_rope({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "x", 1e4)
 
 
 def test_detection_names_the_family(cases, tmp_path):

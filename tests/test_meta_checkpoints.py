@@ -246,7 +246,7 @@ def test_meta_bad_input(cases, tmp_path):
     bad.mkdir()
     (bad / "params.json").write_text(json.dumps(llama2_params()))
     os.symlink(os.path.join(src, "consolidated.00.pth"), bad / "consolidated.00.pth")
-    with pytest.raises(ConfigError, match=r"vocab_size -1.*tokenizer file .*no_tokenizer/tokenizer.model does not exist"):
+    with pytest.raises(ConfigError, match=r"vocab_size -1.*tokenizer file .*no_tokenizer/tokenizer.model does not"):
         get_family("llama").read_config(str(bad))
     # a Llama 3 original as --model_type llama, and the other way round
     with pytest.raises(ConfigError, match="use --model_type llama3, not llama"):

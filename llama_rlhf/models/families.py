@@ -18,8 +18,6 @@ from ..checkpoint.meta import is_tiktoken_file, meta_config, open_meta_checkpoin
 from ..checkpoint.qwen1 import is_qwen1_config, open_qwen_checkpoint, qwen1_config
 from .config import ConfigError, ModelConfig, read_json, require
 
-_MISSING = object()
-
 
 def read_hf_rope(d: dict, source: str, default_theta: float | None) -> tuple[float, dict | None]:
     """(rope_theta, scaling) from a transformers-4 (rope_theta/rope_scaling) or -5 (rope_parameters) config.
@@ -36,6 +34,9 @@ def read_hf_rope(d: dict, source: str, default_theta: float | None) -> tuple[flo
     scaling.pop("rope_theta", None)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
+    partial = scaling.pop("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor {partial} is not supported (RoPE over the whole head)")
     if theta is None:
         if default_theta is None:
             raise ConfigError(f"{source}: required field 'rope_theta' is missing (in rope_parameters or at the top "
@@ -282,12 +283,11 @@ _ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "QWe
 
 
 def _is_llama3_hf(d: dict) -> bool:
-    theta, scaling = read_hf_rope(d, "", 10000.0) if _has_theta(d) else (10000.0, None)
-    return theta >= 500000 or (scaling or {}).get("rope_type") == "llama3" or int(d.get("vocab_size") or 0) >= 128000
-
-
-def _has_theta(d: dict) -> bool:
-    return d.get("rope_theta") is not None or (d.get("rope_parameters") or {}).get("rope_theta") is not None
+    """Llama 3 in HF form: RoPE base >= 500000, llama3 RoPE scaling, or the 128k vocabulary."""
+    params, scaling = d.get("rope_parameters") or {}, d.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta") or d.get("rope_theta") or 0)
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    return theta >= 500000 or rope_type == "llama3" or int(d.get("vocab_size") or 0) >= 128000
 
 
 def detect(ckpt_dir: str) -> tuple[str, str]:
