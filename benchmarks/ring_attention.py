@@ -6,9 +6,10 @@ materialises each block's scores) at half the length; and PyTorch SDPA on the wh
 single-process baseline. Each configuration runs in fresh processes (one per SP rank, gloo), the CPU cores
 shared out among them.
 
-Memory: the kernel's peak resident set (VmHWM) is reset to the current RSS through /proc/self/clear_refs
-right before the measured step and read after it; the figure is peak minus the RSS at the reset, i.e. what
-the step itself added (inputs already allocated are not counted). No tracemalloc.
+Memory: each rank resets its peak resident set (VmHWM) to its current RSS through /proc/self/clear_refs after
+start-up (imports, process group) and before creating its inputs; the figure is VmHWM after the last step minus
+that RSS: everything the rank held at its worst moment for this attention (its q/k/v/dout chunks, the ring's
+buffers, outputs and gradients), whatever the allocator kept. No tracemalloc.
 
     python -m benchmarks.ring_attention [--quick]
 """
@@ -53,14 +54,15 @@ def _worker(rank, world, port, seq, kernel, iters, results):
         group = dist.group.WORLD
     from llama_rlhf.parallel.ring_attention import ring_attention
 
-    local = seq // world
-    g = torch.Generator().manual_seed(rank)
-    q = torch.randn(BATCH, local, Q_HEADS, HEAD_DIM, generator=g).requires_grad_()
-    k, v = (torch.randn(BATCH, local, KV_HEADS, HEAD_DIM, generator=g).requires_grad_() for _ in range(2))
-    dout = torch.randn(BATCH, local, Q_HEADS, HEAD_DIM, generator=g)
     scale = HEAD_DIM ** -0.5
 
-    def step():
+    def inputs(local):
+        g = torch.Generator().manual_seed(rank)
+        q = torch.randn(BATCH, local, Q_HEADS, HEAD_DIM, generator=g).requires_grad_()
+        k, v = (torch.randn(BATCH, local, KV_HEADS, HEAD_DIM, generator=g).requires_grad_() for _ in range(2))
+        return q, k, v, torch.randn(BATCH, local, Q_HEADS, HEAD_DIM, generator=g)
+
+    def step(q, k, v, dout):
         if kernel == "sdpa":
             rep = Q_HEADS // KV_HEADS
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
@@ -72,19 +74,20 @@ def _worker(rank, world, port, seq, kernel, iters, results):
         for t in (q, k, v):
             t.grad = None
 
-    step()  # warm-up
-    times, peaks = [], []
+    step(*inputs(64))  # load every kernel's code and thread pools before the memory baseline
+    base = _reset_peak_rss()
+    tensors = inputs(seq // world)
+    step(*tensors)  # warm-up at full size
+    times = []
     for _ in range(iters):
         if group is not None:
             dist.barrier()
-        base = _reset_peak_rss()
         start = time.perf_counter()
-        step()
+        step(*tensors)
         if group is not None:
             dist.barrier()
         times.append(time.perf_counter() - start)
-        peaks.append(_status_kb("VmHWM") - base)
-    results.put((rank, statistics.median(times), max(peaks)))
+    results.put((rank, statistics.median(times), _status_kb("VmHWM") - base))
     if group is not None:
         dist.barrier()
         dist.destroy_process_group()
@@ -124,8 +127,8 @@ def measure(sp: int, seq: int, kernel: str, iters: int) -> dict:
         "kernel": kernel, "sp": sp, "seq_len_tokens": seq, "tokens_per_rank": seq // sp, "batch": BATCH,
         "q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
         "fwd_bwd_ms": 1000 * max(r[1] for r in rows),  # the slowest rank's median step
-        "peak_mb_per_rank": max(r[2] for r in rows) / 1024,  # worst rank's VmHWM growth during the step
-        "memory_method": "VmHWM reset via /proc/self/clear_refs, peak minus RSS at reset",
+        "peak_mb_per_rank": max(r[2] for r in rows) / 1024,  # the worst rank's peak growth over its start-up RSS
+        "memory_method": "VmHWM (reset via /proc/self/clear_refs after start-up) minus RSS at the reset",
         "cpu_cores": os.cpu_count(),
     }
 
