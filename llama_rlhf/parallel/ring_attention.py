@@ -38,7 +38,8 @@ TAG_KV, TAG_DKV = 17, 18  # distinct P2P tags for the K/V and dK/dV streams (glo
 
 # ----------------------------------------------------------------------------------------------------------
 # Block kernels: q [B, H, Sq, D], k/v [B, Hkv, Sk, D] (GQA: query head h uses KV head h // (H / Hkv)).
-# forward -> (out [B, H, Sq, D], lse [B, H, Sq] in the accumulation dtype; -inf for a row with no allowed key)
+# forward -> (out [B, H, Sq, D] in q's dtype or wider, lse [B, H, Sq] in the accumulation dtype; a row with no
+#            allowed key gets lse -inf and output 0)
 # backward(dout, q, k, v, out, lse) with the FINAL merged out and lse -> (dq, dk, dv) for this block.
 # mask: None (every pair, or the causal square when causal=True) or bool [B|1, 1, Sq, Sk], True = may attend.
 # ----------------------------------------------------------------------------------------------------------
