@@ -49,7 +49,7 @@ def token_terms(logp, old_logp, advantages, eps_low: float, eps_high: float, bet
                 ref_logp=None) -> TokenTerms:
     """-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3 per token."""
     ratio = torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(-1)  # [N] -> [N, 1]
+    adv = advantages.unsqueeze(-1) if advantages.dim() < logp.dim() else advantages  # [N] -> [N, 1], or per token
     loss = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     kl = None
     if beta != 0.0:

@@ -5,7 +5,8 @@ Every reward function has the signature
     def reward(completion: str, sample: dict) -> float
 
 ``sample`` is the jsonl line's object (``instruction``/``messages``, ``answer`` and any other fields) plus
-``completion_tokens`` (int) and ``truncated`` (bool). Built-in rewards:
+``completion_tokens`` (int), ``completion_ids`` (list of token ids) and ``truncated`` (bool: it hit
+--max_new_tokens). Built-in rewards:
 
 accuracy  1.0 if the completion's final answer equals ``sample["answer"]``, else 0.0. The final answer is the
           last ``\\boxed{...}``, else the last ``<answer>...</answer>``, else the last ``#### N``; none: 0.0.

@@ -1,0 +1,376 @@
+"""GRPO: sample G completions per prompt, score them, normalise rewards per group, and update the policy with
+a clipped surrogate (plus an optional k3 KL penalty to a frozen reference) on the same MP/SP/DP layout.
+
+Each DP rank owns whole groups (its prompts and all their samples); every completion is a ``Rollout`` that
+carries its own ids, rewards, advantage, old and reference log-probs from sampling to update, never re-sorted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import epoch_order
+from ..generation import generate
+from ..jsonl import DataError, read_jsonl
+from ..models.pretrained import load_pretrained
+from ..parallel.comm import all_reduce, group_size
+from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab_parallel_log_probs
+from ..parallel.sequence_split import zigzag_split
+from ..runtime import UsageError, autocast, log
+from ..sampling import SamplingParams
+from ..tokenizer import load_tokenizer
+from .checkpointing import check_save_dir, latest_checkpoint, load_training_state, save_checkpoint
+from .grad_sync import GradientSync, clip_grad_norm
+from .grpo_loss import group_advantages, token_terms, token_weights
+from .optim import lr_at, make_optimizer, set_lr
+from .rewards import build_rewards, score
+from .sft import resolve_model_type
+
+
+@dataclass
+class Prompt:
+    index: int  # line order in the data file (the prompt's id)
+    ids: list[int]
+    sample: dict  # the jsonl object, passed to reward functions
+
+
+@dataclass
+class Rollout:
+    """One completion and everything the update needs about it."""
+
+    prompt: Prompt
+    sample_index: int
+    completion_ids: list[int]
+    finish_reason: str
+    sampler_logprobs: list[float]
+    text: str = ""
+    rewards: list[float] = field(default_factory=list)
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logprobs: torch.Tensor | None = None  # [completion length]
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+def load_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | None, max_prompt_len: int,
+                 needs_answer: bool) -> tuple[list[Prompt], int]:
+    """Prompts from jsonl (``instruction`` or ``messages``; other fields kept); returns them and how many were
+    cut from the left to ``max_prompt_len`` tokens."""
+    prompts, truncated = [], 0
+    for line_no, obj in read_jsonl(path):
+        where = f"{path}:{line_no}"
+        if "messages" in obj:
+            messages = obj["messages"]
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            if messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+        elif isinstance(obj.get("instruction"), str):
+            messages = [{"role": "user", "content": obj["instruction"]}]
+        else:
+            raise DataError(f"{where}: expected an 'instruction' string or 'messages'")
+        if needs_answer and "answer" not in obj:
+            raise DataError(f"{where}: the accuracy reward needs an 'answer' field")
+        if use_chat_template:
+            ids = tok.encode_chat(messages, add_generation_prompt=True, system_prompt=system_prompt)
+        else:
+            system = f"{system_prompt}\n\n" if system_prompt else ""
+            ids = tok.encode(system + "\n".join(m["content"] for m in messages) + "\n", add_bos=tok.adds_bos)
+        if len(ids) > max_prompt_len:
+            truncated += 1
+            ids = ids[-max_prompt_len:]
+        prompts.append(Prompt(len(prompts), ids, obj))
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts, truncated
+
+
+def rollout_batch(rollouts: list[Rollout], pad_id: int, multiple: int, fields=("old", "ref", "adv")) -> dict:
+    """[B, S] tensors for the update, right-padded to a multiple of ``multiple``. Position t of every field
+    describes the token at t + 1 (labels are shifted): only completion tokens have labels."""
+    length = max(len(r.prompt.ids) + len(r.completion_ids) for r in rollouts)
+    length = int(math.ceil(length / multiple) * multiple)
+    b = len(rollouts)
+    batch = {"input_ids": torch.full((b, length), pad_id, dtype=torch.long),
+             "labels": torch.full((b, length), IGNORE_INDEX, dtype=torch.long),
+             "position_ids": torch.arange(length).repeat(b, 1)}
+    for name in fields:
+        batch[name] = torch.zeros(b, length)
+    for i, r in enumerate(rollouts):
+        p, c = len(r.prompt.ids), len(r.completion_ids)
+        batch["input_ids"][i, :p + c] = torch.tensor(r.prompt.ids + r.completion_ids)
+        if c:
+            span = slice(p - 1, p + c - 1)  # positions that predict the completion tokens
+            batch["labels"][i, span] = torch.tensor(r.completion_ids)
+            if "old" in fields and r.old_logprobs is not None:
+                batch["old"][i, span] = r.old_logprobs
+            if "ref" in fields and r.ref_logprobs is not None:
+                batch["ref"][i, span] = r.ref_logprobs
+            if "adv" in fields:
+                batch["adv"][i, span] = r.advantage
+    return batch
+
+
+def local_part(batch: dict, ps) -> dict:
+    """This rank's tokens: the whole batch, or its zigzag chunks under sequence parallelism."""
+    batch = {k: v.to(ps.device) for k, v in batch.items()}
+    if ps.sp_size == 1:
+        return batch
+    return {k: zigzag_split(v, ps.sp_size, ps.sp_rank) for k, v in batch.items()}
+
+
+def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False):
+    """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]."""
+    with autocast(compute_dtype, ps.device):
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"])  # [B, S, V/mp]
+    logits = logits.float() / temperature if temperature > 0 else logits.float()
+    labels = batch["labels"]
+    logp = vocab_parallel_log_probs(logits, labels, ps.mp_group)
+    entropy = vocab_parallel_entropy(logits, ps.mp_group) if with_entropy else None
+    return logp, entropy
+
+
+def completion_values(values: torch.Tensor, rollouts: list[Rollout], batch_len: int, ps) -> list[torch.Tensor]:
+    """Per-rollout completion log-probs [len] from per-position values [B, S_local] (gathered over SP)."""
+    if ps.sp_size > 1:
+        from ..parallel.sequence_split import gather_zigzag
+        values = gather_zigzag(values, ps.sp_group)
+    out = []
+    for i, r in enumerate(rollouts):
+        p, c = len(r.prompt.ids), len(r.completion_ids)
+        out.append(values[i, p - 1:p + c - 1].detach().float().cpu())
+    return out
+
+
+@dataclass
+class UpdateStats:
+    loss: float = 0.0
+    kl: float = 0.0
+    low_clip: float = 0.0
+    high_clip: float = 0.0
+    entropy: float = 0.0
+    tokens: float = 0.0
+
+
+def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, compute_dtype, pad_id: int,
+                  loss_type: str, eps_low: float, eps_high: float, beta: float, global_sequences: int,
+                  global_tokens: int, global_micro_batches: int, max_completion_length: int,
+                  mask_truncated: bool, on_policy: bool) -> UpdateStats:
+    """Forward + backward of one micro-batch of rollouts; returns its (unnormalised) metric sums.
+
+    ``on_policy`` (one update per rollout batch): the old log-probs are the current ones, detached.
+    """
+    batch = rollout_batch(rollouts, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1)
+    mask = (batch["labels"] != IGNORE_INDEX).float()
+    if mask_truncated:
+        mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts]).unsqueeze(-1)
+    batch["weight"] = token_weights(mask, loss_type, global_sequences=global_sequences, global_tokens=global_tokens,
+                                    global_micro_batches=global_micro_batches,
+                                    max_completion_length=max_completion_length)
+    batch["mask"] = mask
+    local = local_part(batch, ps)
+    logp, entropy = token_logprobs(model, local, ps, temperature, compute_dtype, with_entropy=True)
+    old = logp.detach() if on_policy else local["old"]
+    terms = token_terms(logp, old, local["adv"], eps_low, eps_high, beta, local["ref"] if beta else None)
+    loss = (terms.loss * local["weight"]).sum()
+    loss.backward()
+    m = local["mask"]
+    stats = UpdateStats(loss=loss.item(), tokens=m.sum().item(),
+                        low_clip=(terms.low_clipped.float() * m).sum().item(),
+                        high_clip=(terms.high_clipped.float() * m).sum().item(),
+                        entropy=(entropy * m).sum().item())
+    if terms.kl is not None:
+        stats.kl = (terms.kl.detach() * m).sum().item()
+    return stats
+
+
+@torch.no_grad()
+def fill_logprobs(model, rollouts: list[Rollout], ps, attr: str, temperature: float, compute_dtype, pad_id: int,
+                  micro_batch: int) -> None:
+    """Set ``rollout.<attr>`` to each completion's token log-probs under ``model`` (no grad)."""
+    for start in range(0, len(rollouts), micro_batch):
+        chunk = rollouts[start:start + micro_batch]
+        batch = rollout_batch(chunk, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1, fields=())
+        logp, _ = token_logprobs(model, local_part(batch, ps), ps, temperature, compute_dtype)
+        for r, values in zip(chunk, completion_values(logp, chunk, batch["input_ids"].shape[1], ps)):
+            setattr(r, attr, values)
+
+
+def score_rollouts(rollouts: list[Rollout], rewards, tok) -> None:
+    for r in rollouts:
+        r.text = tok.decode(r.completion_ids, skip_special_tokens=True)
+        sample = {**r.prompt.sample, "completion_tokens": len(r.completion_ids), "completion_ids": r.completion_ids,
+                  "truncated": r.truncated}
+        r.rewards = score(rewards, r.text, sample)
+        r.reward = sum(w * v for (_, _, w), v in zip(rewards, r.rewards))
+
+
+def assign_advantages(rollouts: list[Rollout], group: int, scale: str, ps) -> None:
+    """Group-normalised advantages; with ``batch`` scaling the std is over the whole global batch."""
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+    if scale == "batch" and group_size(ps.dp_group) > 1:
+        stats = all_reduce(torch.stack([rewards.sum(), rewards.pow(2).sum(),
+                                        torch.tensor(float(len(rewards)), dtype=torch.float64)]), ps.dp_group)
+        n = stats[2]
+        std = torch.sqrt((stats[1] - stats[0] ** 2 / n) / (n - 1).clamp(min=1))
+        centred = group_advantages(rewards, group, "none")
+        adv = centred / (std + 1e-4)
+    else:
+        adv = group_advantages(rewards, group, scale)
+    for r, a in zip(rollouts, adv.tolist()):
+        r.advantage = a
+
+
+def global_sum(values: list[float], ps) -> list[float]:
+    """Sum floats over DP ranks (every MP/SP peer holds the same rollouts)."""
+    return all_reduce(torch.tensor(values, dtype=torch.float64), ps.dp_group).tolist()
+
+
+def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
+    """The GRPO loop behind solver_grpo.py; returns the final checkpoint path."""
+    model_type = resolve_model_type(args, ps)
+    tokenizer_dir = args.tokenizer_file or args.ckpt_dir
+    tok = load_tokenizer(tokenizer_dir, model_type=model_type)
+    rewards = build_rewards(args.reward_funcs, args.reward_weights, (args.length_min, args.length_max))
+    check_save_dir(args.save_dir, args.resume)
+    log_dir = args.log_dir or args.save_dir
+    max_prompt_len = args.max_seq_len - args.max_new_tokens
+    if max_prompt_len < 1:
+        raise UsageError(f"--max_seq_len {args.max_seq_len} leaves no room for prompts after --max_new_tokens "
+                         f"{args.max_new_tokens}")
+    prompts, cut = load_prompts(args.train_file, tok, args.use_chat_template, args.system_prompt, max_prompt_len,
+                                any(name == "accuracy" for name, _, _ in rewards))
+    log(f"{args.train_file}: {len(prompts)} prompts ({cut} cut from the left to {max_prompt_len} tokens)", ps)
+    group = args.num_samples_per_prompt
+    prompts_per_step = args.max_batch_size * ps.dp_size
+    steps_per_epoch = math.ceil(len(prompts) / prompts_per_step)
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+
+    resume_from = latest_checkpoint(args.save_dir) if args.resume else None
+    model = load_pretrained(resume_from or args.ckpt_dir, model_type, ps, None if resume_from else args.config_file)
+    model.train()
+    reference = None
+    if args.beta != 0.0:
+        reference = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    sync = GradientSync(model, ps)
+    start_step = 0
+    if resume_from:
+        start_step = load_training_state(resume_from, model, optimizer, ps)["step"]
+        log(f"resumed from {resume_from} at step {start_step}", ps)
+    source_config = os.path.join(resume_from, "config.json") if resume_from else (
+        args.config_file or os.path.join(args.ckpt_dir, "config.json"))
+    save_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.save_dtype]
+    params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
+    if ps.rank == 0:
+        os.makedirs(log_dir, exist_ok=True)
+        os.makedirs(args.save_dir, exist_ok=True)
+    log(f"GRPO {model_type} | MP={ps.mp_size} SP={ps.sp_size} DP={ps.dp_size} | {prompts_per_step} prompts x "
+        f"{group} samples per step, {total_steps} steps | rewards {args.reward_funcs} | loss {args.loss_type}, "
+        f"beta {args.beta}", ps)
+
+    def save(step):
+        return save_checkpoint(args.save_dir, step, model, optimizer, {"total_steps": total_steps,
+                                                                       "model_type": model_type}, ps,
+                               source_config=source_config, tokenizer_dir=tokenizer_dir, save_dtype=save_dtype,
+                               keep=args.save_total_limit)
+
+    t_start, path = time.time(), None
+    for step in range(start_step, last_step):
+        t0 = time.time()
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(prompts), args.seed, epoch)
+        chosen = order[in_epoch * prompts_per_step:(in_epoch + 1) * prompts_per_step]
+        mine = [prompts[i] for i in chosen[ps.dp_rank * args.max_batch_size:(ps.dp_rank + 1) * args.max_batch_size]]
+        # rollouts: whole groups on this DP rank, random streams keyed by (seed, step) and global prompt ids
+        completions = generate(model, [p.ids for p in mine], params, tok.end_ids, ps,
+                               max_batch_size=args.rollout_batch_size or len(mine) * group,
+                               max_seq_len=args.max_seq_len, seed=args.seed * 1_000_003 + step,
+                               prompt_keys=[p.index for p in mine], compute_dtype=compute_dtype) if mine else []
+        rollouts = [Rollout(p, s, c.token_ids, c.finish_reason, c.logprobs)
+                    for p, samples in zip(mine, completions) for s, c in enumerate(samples)]
+        t_rollout = time.time() - t0
+        score_rollouts(rollouts, rewards, tok)
+        assign_advantages(rollouts, group, args.scale_rewards, ps)
+        micro = args.train_batch_size or len(rollouts) or 1
+        if args.num_iterations > 1:
+            fill_logprobs(model, rollouts, ps, "old_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
+        if reference is not None:
+            fill_logprobs(reference, rollouts, ps, "ref_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
+
+        counted = [r for r in rollouts if not (args.mask_truncated_completions and r.truncated)]
+        n_seq, n_tok, n_micro = global_sum([len(rollouts), sum(len(r.completion_ids) for r in counted),
+                                            math.ceil(len(rollouts) / micro)], ps)
+        lr = lr_at(step, args.lr, total_steps, args.warmup_steps, args.lr_scheduler)
+        set_lr(optimizer, lr)
+        totals = UpdateStats()
+        for iteration in range(args.num_iterations):
+            totals = UpdateStats()
+            for start in range(0, len(rollouts), micro):
+                chunk = rollouts[start:start + micro]
+                s = grpo_backward(model, chunk, ps, temperature=args.temperature, compute_dtype=compute_dtype,
+                                  pad_id=tok.pad_id, loss_type=args.loss_type, eps_low=args.epsilon,
+                                  eps_high=args.epsilon_high, beta=args.beta, global_sequences=int(n_seq),
+                                  global_tokens=int(n_tok), global_micro_batches=int(n_micro),
+                                  max_completion_length=args.max_new_tokens,
+                                  mask_truncated=args.mask_truncated_completions,
+                                  on_policy=args.num_iterations == 1)
+                for name in vars(totals):
+                    setattr(totals, name, getattr(totals, name) + getattr(s, name))
+            sync()
+            grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.max_grad_norm, ps)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # metrics: sums over DP (and over SP for token-level values, whose tokens are split)
+        token_sums = all_reduce(torch.tensor([totals.loss, totals.kl, totals.low_clip, totals.high_clip,
+                                              totals.entropy, totals.tokens], dtype=torch.float64),
+                                ps.dpsp_group).tolist()
+        per_fn = [sum(r.rewards[k] for r in rollouts) for k in range(len(rewards))]
+        lengths = [len(r.completion_ids) for r in rollouts]
+        sums = global_sum([sum(r.reward for r in rollouts), sum(r.reward ** 2 for r in rollouts),
+                           sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
+        max_len = all_reduce(torch.tensor(float(max(lengths, default=0))), ps.dp_group,
+                             op=torch.distributed.ReduceOp.MAX).item()
+        n, tokens = max(n_seq, 1), max(token_sums[5], 1)
+        mean = sums[0] / n
+        record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": token_sums[0], "reward_mean": mean,
+                  "reward_std": math.sqrt(max(sums[1] / n - mean ** 2, 0.0)), "kl": token_sums[1] / tokens,
+                  "clip_low": token_sums[2] / tokens, "clip_high": token_sums[3] / tokens,
+                  "entropy": token_sums[4] / tokens, "completion_len_mean": sums[2] / n,
+                  "completion_len_max": max_len, "truncated_rate": sums[3] / n, "grad_norm": grad_norm,
+                  "tokens_per_s": sums[2] / max(time.time() - t0, 1e-9), "rollout_s": t_rollout,
+                  "step_s": time.time() - t0}
+        for (name, _, _), value in zip(rewards, sums[4:]):
+            record[f"reward/{name}"] = value / n
+        if ps.rank == 0:
+            with open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            eta = (time.time() - t_start) / (step + 1 - start_step) * (last_step - step - 1)
+            log(f"step {step + 1}/{last_step} | reward {mean:.3f} ± {record['reward_std']:.3f} | "
+                + " ".join(f"{k[len('reward/'):].rsplit(':', 1)[-1]} {v:.3f}" for k, v in record.items()
+                           if k.startswith("reward/"))
+                + f" | kl {record['kl']:.4f} | clip {record['clip_low'] + record['clip_high']:.3f} | len "
+                f"{record['completion_len_mean']:.0f} | {record['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+            if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0 and rollouts:
+                for r in rollouts[:2]:
+                    log(f"  [prompt {r.prompt.index} sample {r.sample_index} reward {r.reward:.2f}] "
+                        f"{r.text[:300]!r}")
+        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
+            path = save(step + 1)
+    if last_step > start_step or path is None:
+        path = save(last_step)
+    return path

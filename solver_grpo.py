@@ -1,0 +1,94 @@
+"""GRPO (Group Relative Policy Optimization) with rule rewards on MP x SP x DP ranks.
+
+    torchrun --nproc_per_node 8 solver_grpo.py --model_parallel_size 2 --ckpt_dir CKPT --model_type qwen \\
+        --train_file math.jsonl --save_dir OUT --num_samples_per_prompt 8 --reward_funcs accuracy,format \\
+        --beta 0.04 --lr 1e-6 --use_chat_template
+
+Reward functions: accuracy, format, length, or path/to/file.py:function with the signature
+``def reward(completion: str, sample: dict) -> float`` (see llama_rlhf/training/rewards.py).
+"""
+import argparse
+
+from llama_rlhf.cli import add_bool, add_chat_flags, add_model_flags
+from llama_rlhf.parallel.state import init_parallel
+from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
+from llama_rlhf.training.grpo_loss import LOSS_TYPES, SCALE_REWARDS
+from llama_rlhf.training.optim import SCHEDULES
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_chat_flags(p)
+    d = p.add_argument_group("data and rewards")
+    d.add_argument("--train_file", required=True,
+                   help='jsonl: {"instruction" or "messages", "answer" (for accuracy), any other fields}')
+    d.add_argument("--reward_funcs", default="accuracy,format",
+                   help="comma list of accuracy, format, length, path/to/file.py:function")
+    d.add_argument("--reward_weights", default=None, help="comma list of weights, one per reward (default all 1)")
+    d.add_argument("--length_min", type=int, default=16, help="length reward: shortest ideal completion (tokens)")
+    d.add_argument("--length_max", type=int, default=256, help="length reward: longest ideal completion (tokens)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--num_samples_per_prompt", type=int, default=8, help="group size G")
+    s.add_argument("--max_new_tokens", type=int, default=256, help="longest completion")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used for log-probs)")
+    s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold")
+    s.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    s.add_argument("--rollout_batch_size", type=int, default=0,
+                   help="sequences decoded together (default: all of this rank's samples of the step)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=1)
+    o.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+    o.add_argument("--lr", type=float, default=1e-6)
+    o.add_argument("--lr_scheduler", default="constant", choices=SCHEDULES)
+    o.add_argument("--warmup_steps", type=int, default=0)
+    o.add_argument("--weight_decay", type=float, default=0.0)
+    o.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    o.add_argument("--beta", type=float, default=0.0,
+                   help="KL penalty weight (k3 estimator) to the frozen initial model; 0 keeps no reference model")
+    o.add_argument("--epsilon", type=float, default=0.2, help="lower clip: ratio >= 1 - epsilon")
+    o.add_argument("--epsilon_high", type=float, default=None, help="upper clip: ratio <= 1 + epsilon_high "
+                                                                    "(default: --epsilon)")
+    o.add_argument("--loss_type", default="dapo", choices=LOSS_TYPES,
+                   help="grpo: mean of sequence means; bnpo: token mean per micro-batch; dr_grpo: token sum / "
+                        "(sequences x max_new_tokens); dapo: token sum / all completion tokens of the step")
+    o.add_argument("--scale_rewards", default="group", choices=SCALE_REWARDS,
+                   help="advantage = (r - group mean) / std of the group, of the batch, or not scaled")
+    o.add_argument("--num_iterations", type=int, default=1, help="policy updates per rollout batch (mu)")
+    o.add_argument("--train_batch_size", type=int, default=0,
+                   help="sequences per forward/backward micro-batch (default: all of this rank's rollouts)")
+    add_bool(o, "--mask_truncated_completions", False, "leave completions that hit max_new_tokens out of the loss")
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--save_dir", required=True)
+    c.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
+    c.add_argument("--save_steps", type=int, default=0)
+    c.add_argument("--save_total_limit", type=int, default=0)
+    c.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16"))
+    add_bool(c, "--resume", False, "continue the newest checkpoint in --save_dir")
+    c.add_argument("--log_completions_steps", type=int, default=10, help="print sample completions every N steps")
+    args = p.parse_args(argv)
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
+    if not args.ckpt_dir:
+        raise UsageError("--ckpt_dir is required")
+    for name in ("num_samples_per_prompt", "max_batch_size", "num_iterations", "epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if args.temperature <= 0:
+        raise UsageError("--temperature must be > 0 for GRPO (groups need different samples)")
+    return args
+
+
+def main():
+    args = parse_args()
+    from llama_rlhf.training.rewards import build_rewards
+    build_rewards(args.reward_funcs, args.reward_weights)  # a bad spec fails on every rank before start-up
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size)
+    seed_everything(args.seed)
+    from llama_rlhf.training.grpo import train_grpo
+    path = train_grpo(args, ps, parse_dtype(args.dtype))
+    log(f"done: {path}", ps)
+
+
+if __name__ == "__main__":
+    run_main(main)
