@@ -29,6 +29,9 @@ HF_ARCHITECTURES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
 }
 
+# HF config model_types whose checkpoints use our (HF) parameter names; other sources get a config written anew.
+HF_NATIVE_TYPES = ("llama", "qwen2", "qwen3", "gemma2", "mistral", "internlm3")
+
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -53,11 +56,14 @@ def gather_full(param: torch.Tensor, ps) -> torch.Tensor | None:
 
 def hf_config_dict(cfg, source_config: str | None, dtype: torch.dtype) -> dict:
     """config.json for the export: the source checkpoint's own (dtype updated), or one written from cfg."""
+    d = None
     if source_config and os.path.isfile(source_config):
         with open(source_config, encoding="utf-8") as f:
             d = json.load(f)
         d.pop("quantization_config", None)
-    else:
+        if d.get("model_type") not in HF_NATIVE_TYPES:  # e.g. Qwen1: its weights are exported in Qwen2 layout
+            d = None
+    if d is None:
         if cfg.model_type not in HF_ARCHITECTURES:
             raise ValueError(f"cannot write an HF config for model_type {cfg.model_type!r}")
         hf_type, arch = HF_ARCHITECTURES[cfg.model_type]
