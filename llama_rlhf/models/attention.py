@@ -56,6 +56,15 @@ def softcapped_attention(q, k, v, mask, scale: float, softcap: float | None) -> 
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def decode_attention(q, k, v, scale: float, mask) -> torch.Tensor:
+    """One new token per row over a KV cache without copying KV heads: q [B, 1, Hq, D], k/v [B, Sk, Hkv, D],
+    mask [B|1, 1, 1, Sk] -> [B, 1, Hq, D]. The query heads sharing a KV head become that head's query rows."""
+    b, _, hq, d = q.shape
+    grouped = q.reshape(b, k.shape[2], hq // k.shape[2], d)  # [B, Hkv, n_rep, D]
+    out = F.scaled_dot_product_attention(grouped, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(b, 1, hq, d)
+
+
 def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
               window: int | None = None) -> torch.Tensor:
     """Attention of q [B, Sq, Hq, D] over k/v [B, Sk, Hkv, D] (GQA) -> [B, Sq, Hq, D].
@@ -68,6 +77,8 @@ def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
             and q.shape[1] == k.shape[1]):
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
                                window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
+    if q.shape[1] == 1 and mask is not None and softcap is None and n_rep > 1:
+        return decode_attention(q, k, v, scale, mask)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if softcap is not None:
         return softcapped_attention(q, k, v, mask, scale, softcap)

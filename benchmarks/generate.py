@@ -1,0 +1,124 @@
+"""Greedy decoding throughput: this framework's generate vs transformers' generate, same prompts, same run.
+
+SmolLM2-135M-Instruct in fp32 (MP=1, one process), chat prompts of mixed lengths, batch 1, 16 and 64,
+128 new tokens each (no early stop: end tokens are ignored on both sides), greedy. tokens/s counts new
+tokens over the wall time of the whole generate call (prefill included), best of two interleaved runs, one
+torch thread on both sides by default. The greedy outputs are compared (fraction of tokens before the first
+difference).
+
+    python -m benchmarks.generate [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+QUESTIONS = ["What is 2+2?", "Write a haiku about the sea.", "Hi", "List three colours and explain why people like them.",
+             "Explain photosynthesis to a child.", "What is the capital of France?",
+             "Give me a recipe for pancakes with blueberries and maple syrup.", "Tell me a joke."]
+
+
+def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
+    prompts = []
+    for i in range(batch):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                            add_generation_prompt=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return prompts
+
+
+def time_hf(model, tokenizer, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    import torch
+    from transformers import GenerationConfig
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    model.generation_config.eos_token_id = None  # otherwise merged in from the checkpoint: run all new_tokens
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                              pad_token_id=tokenizer.pad_token_id)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=config)
+    seconds = time.perf_counter() - start
+    return seconds, out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def time_ours(model, ps, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    from llama_rlhf.generation import generate
+    from llama_rlhf.sampling import SamplingParams
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    out = generate(model, prompts, params, end_ids=(), ps=ps, max_batch_size=len(prompts))
+    seconds = time.perf_counter() - start
+    return seconds, [c[0].token_ids for c in out]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean fraction of each row's tokens equal before the first difference (fp32 near-ties may flip a token
+    late in a long greedy run; everything after that legitimately differs)."""
+    total = 0.0
+    for x, y in zip(a, b):
+        same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        total += same / max(len(x), 1)
+    return total / len(a)
+
+
+def run(quick: bool = False, threads: int = 1) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, ROOT)
+    from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.parallel.state import single_process_state
+    from tools.fetch_smollm2 import ensure_smollm2
+
+    torch.set_num_threads(threads)
+    model_dir = ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ps = single_process_state()
+    ours = load_pretrained(model_dir, "llama-hf", ps, dtype=torch.float32)
+    batches, new_tokens, repeats = ((1, 16), 32, 2) if quick else ((1, 16, 64), 128, 2)
+    time_ours(ours, ps, chat_prompts(tokenizer, 2), 4)  # warm-up
+    time_hf(hf, tokenizer, chat_prompts(tokenizer, 2), 4)
+    rows = []
+    for batch in batches:
+        prompts = chat_prompts(tokenizer, batch)
+        hf_times, our_times = [], []
+        for _ in range(repeats):  # interleaved, best of ``repeats``: the machine may be shared
+            hf_s, hf_out = time_hf(hf, tokenizer, prompts, new_tokens)
+            our_s, our_out = time_ours(ours, ps, prompts, new_tokens)
+            hf_times.append(hf_s)
+            our_times.append(our_s)
+        hf_s, our_s = min(hf_times), min(our_times)
+        tokens = batch * new_tokens
+        rows.append({"benchmark": "generate", "model": "SmolLM2-135M-Instruct", "dtype": "float32", "mp": 1,
+                     "batch": batch, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                     "transformers_tokens_per_s": tokens / hf_s, "llama_rlhf_tokens_per_s": tokens / our_s,
+                     "speedup_vs_transformers": hf_s / our_s, "transformers_s": hf_s, "llama_rlhf_s": our_s,
+                     "greedy_agreement": agreement(hf_out, our_out)})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'batch':>5}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}{'agree':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
+              f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
+              f"{r['greedy_agreement']:>7.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 1 and 16, 32 new tokens")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both sides (default 1: shared machines make multi-thread timings noisy)")
+    args = p.parse_args()
+    print_table(run(args.quick, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""solver_generate's job: prompts from jsonl, split over the model replicas, generated, gathered on rank 0, written.
+
+Input lines: {"instruction": "...", "system": optional, ...} or {"messages": [{"role", "content"}, ...], ...}
+(a trailing assistant message is a reference answer, not part of the prompt). Every other field is carried
+through; an input "output" field is kept as "reference_output". Output: ``log_dir/results.jsonl``, one line
+per input line in input order, with "output" (the samples' texts), "num_prompt_tokens", "num_output_tokens"
+and "finish_reason" ("stop": an end token, "length": --max_new_tokens or --max_seq_len).
+
+Replicas: every (DP, SP) coordinate holds a whole model (generation runs whole sequences on SP ranks), so
+prompts are dealt round-robin over DP x SP replicas; MP ranks of a replica decode together.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from .generation import generate
+from .jsonl import DataError, read_jsonl, write_jsonl_atomic
+from .runtime import UsageError, log
+from .sampling import SamplingParams
+
+
+@dataclass
+class Prompt:
+    line: int  # line number in the input file
+    obj: dict  # the input object
+    ids: list[int]
+    truncated: int = 0  # tokens cut from the left
+
+
+def _messages(obj: dict, where: str) -> list[dict]:
+    """The conversation to continue, from "messages" or from "instruction" (+ optional "system")."""
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: every message needs string 'role' and 'content' fields")
+        while messages and messages[-1]["role"] == "assistant":  # the reference answer
+            messages = messages[:-1]
+        if not any(m["role"] == "user" for m in messages):
+            raise DataError(f"{where}: 'messages' has no user turn to answer")
+        return messages
+    if not isinstance(obj.get("instruction"), str):
+        raise DataError(f"{where}: expected an 'instruction' string or a 'messages' list")
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: 'system' must be a string")
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                            "content": obj["instruction"]}]
+
+
+def prompt_ids(obj: dict, tok, use_chat_template: bool, system_prompt: str | None, where: str) -> list[int]:
+    """Token ids of the prompt, as solver_train renders the same line (chat template, or "system\\n\\nuser\\n")."""
+    messages = _messages(obj, where)
+    if use_chat_template:
+        return tok.encode_chat(messages, add_generation_prompt=True, system_prompt=system_prompt)
+    if "messages" in obj and len(messages) > 2:
+        raise DataError(f"{where}: multi-turn 'messages' need --use_chat_template true")
+    system = next((m["content"] for m in messages if m["role"] == "system"), system_prompt)
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    return tok.encode((system + "\n\n" if system else "") + user + "\n", add_bos=tok.adds_bos)
+
+
+def fit_prompt(ids: list[int], max_seq_len: int, bos_id) -> tuple[list[int], int]:
+    """Cut a prompt that leaves no room for a new token (>= max_seq_len) from the left to max_seq_len - 1
+    tokens, keeping a leading BOS; returns (ids, tokens cut)."""
+    if len(ids) < max_seq_len:
+        return ids, 0
+    keep = max_seq_len - 1
+    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] and keep > 1 else []
+    out = head + ids[len(ids) - (keep - len(head)):]
+    return out, len(ids) - len(out)
+
+
+def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | None, max_seq_len: int,
+                 strict: bool) -> list[Prompt]:
+    """Every line of ``path`` as a Prompt; errors name file and line; too-long prompts cut (or, strict, an error)."""
+    if use_chat_template and tok.chat_template is None:
+        raise UsageError("--use_chat_template: this tokenizer has no chat template (none in the checkpoint and "
+                         "none built in for this model type); pass --use_chat_template false")
+    prompts = []
+    for line, obj in read_jsonl(path):
+        where = f"{path}:{line}"
+        ids = prompt_ids(obj, tok, use_chat_template, system_prompt, where)
+        if len(ids) >= max_seq_len and strict:
+            raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room for a response within "
+                            f"--max_seq_len {max_seq_len}; shorten it, raise --max_seq_len, or drop --strict to "
+                            f"cut it from the left")
+        ids, cut = fit_prompt(ids, max_seq_len, tok.bos_id)
+        prompts.append(Prompt(line, obj, ids, cut))
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file has no non-blank lines)")
+    return prompts
+
+
+def replica_of(ps) -> tuple[int, int]:
+    """(this rank's replica index, number of replicas): one replica per (DP, SP) coordinate."""
+    return ps.dp_rank * ps.sp_size + ps.sp_rank, ps.dp_size * ps.sp_size
+
+
+def result_row(prompt: Prompt, completions, tok) -> dict:
+    row = {k: v for k, v in prompt.obj.items() if k != "output"}
+    if "output" in prompt.obj:
+        row["reference_output"] = prompt.obj["output"]
+    row["output"] = [tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    row["num_prompt_tokens"] = len(prompt.ids)
+    if prompt.truncated:
+        row["prompt_tokens_cut"] = prompt.truncated
+    row["num_output_tokens"] = [len(c.token_ids) for c in completions]
+    row["finish_reason"] = [c.finish_reason for c in completions]
+    return row
+
+
+def gather_rows(mine: list[tuple[int, dict]], total: int, ps) -> list[dict] | None:
+    """Every replica's (index, row) pairs on global rank 0, in input order; None on other ranks."""
+    if ps.mp_rank != 0:
+        return None
+    parts = [mine]
+    if dist.is_initialized() and ps.dp_size * ps.sp_size > 1:
+        parts = [None] * (ps.dp_size * ps.sp_size) if ps.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0, group=ps.dpsp_group)
+    if ps.rank != 0:
+        return None
+    rows = [None] * total
+    for part in parts:
+        for i, row in part:
+            rows[i] = row
+    missing = [i for i, r in enumerate(rows) if r is None]
+    if missing:
+        raise RuntimeError(f"results for prompts {missing[:10]} never arrived from their replica")
+    return rows
+
+
+def run_generation(args, model, tok, ps, compute_dtype) -> str | None:
+    """Generate for every line of args.label_file; returns the results path on rank 0 (None elsewhere)."""
+    prompts = read_prompts(args.label_file, tok, args.use_chat_template, args.system_prompt, args.max_seq_len,
+                           args.strict)
+    cut = [p for p in prompts if p.truncated]
+    log(f"{args.label_file}: {len(prompts)} prompts, {len(cut)} cut from the left to fit --max_seq_len "
+        f"{args.max_seq_len}" + (f" (lines {', '.join(str(p.line) for p in cut[:10])}"
+                                 f"{' ...' if len(cut) > 10 else ''})" if cut else ""), ps)
+    params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
+                            args.num_samples_per_prompt)
+    replica, replicas = replica_of(ps)
+    indices = list(range(replica, len(prompts), replicas))
+
+    def progress(done, total, tokens, seconds):
+        log(f"replica 0/{replicas}: {done}/{total} prompts done, {tokens} tokens, "
+            f"{tokens / max(seconds, 1e-9):.1f} tokens/s", ps)
+
+    outputs = generate(model, [prompts[i].ids for i in indices], params, tok.end_ids, ps,
+                       max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, seed=args.seed,
+                       prompt_keys=indices, compute_dtype=compute_dtype, progress=progress,
+                       progress_every=args.log_every)
+    mine = [(i, result_row(prompts[i], out, tok)) for i, out in zip(indices, outputs)]
+    rows = gather_rows(mine, len(prompts), ps)
+    if rows is None:
+        return None
+    os.makedirs(args.log_dir, exist_ok=True)
+    path = os.path.join(args.log_dir, "results.jsonl")
+    write_jsonl_atomic(path, rows)
+    return path

@@ -1,0 +1,163 @@
+"""Next-token choice on vocab-parallel logits: greedy, temperature, top-k, top-p; identical on every MP rank.
+
+Randomness is counter-based: the uniform number behind the token a sample draws at step ``t`` is a hash of
+(seed, prompt key, sample index, t). A sample's tokens therefore do not depend on the batch it shared, the
+continuous-batching schedule, or how prompts were split over data-parallel ranks; DP replicas draw different
+numbers because they hold different prompts, and ``--seed`` makes the whole run reproducible.
+
+Only MP rank 0 chooses; it broadcasts (token, log-prob) to its MP peers, so they can never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .runtime import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 is greedy (top_k/top_p are then ignored)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    max_new_tokens: int = 256
+    num_samples: int = 1  # samples per prompt (the prompt is prefilled once and its cache shared)
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise UsageError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"--top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise UsageError(f"--num_samples_per_prompt must be >= 1, got {self.num_samples}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MUL1, _MUL2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 step on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MUL1
+    x = (x ^ _shift_right(x, 27)) * _MUL2
+    return x ^ _shift_right(x, 31)
+
+
+def uniforms(seed: int, keys: torch.Tensor) -> torch.Tensor:
+    """keys [B, K] int64 -> [B] float64 uniform in [0, 1), a fixed function of (seed, row of keys)."""
+    h = _mix(torch.full(keys.shape[:1], _signed(seed % (1 << 64)), dtype=torch.int64, device=keys.device))
+    for j in range(keys.shape[1]):
+        h = _mix(h ^ keys[:, j])
+    return _shift_right(h, 11).double() * 2.0 ** -53
+
+
+def filtered_distribution(logits: torch.Tensor, params: SamplingParams):
+    """logits [B, V] -> (probs [B, K] float64 summing to 1, token ids [B, K] or None for "column = token id").
+
+    Order as in transformers: temperature, then top-k, then top-p on what top-k kept.
+    """
+    logits = logits.double() / params.temperature
+    ids = None
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        logits, ids = torch.topk(logits, params.top_k, dim=-1)  # [B, V] -> [B, k], sorted descending
+    if params.top_p < 1.0:
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= params.top_p, 0.0)  # the most likely token always stays
+        return probs / probs.sum(-1, keepdim=True), ids
+    return torch.softmax(logits, dim=-1), ids
+
+
+def sample(probs: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw: probs [B, K], u [B] in [0, 1) -> (token ids [B], log-probs [B] of the drawn tokens)."""
+    cdf = torch.cumsum(probs, dim=-1)  # [B, K]
+    col = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)  # guards rounding at u ~ 1
+    col = torch.minimum(col, last_possible)
+    logprob = probs.gather(-1, col.unsqueeze(-1)).squeeze(-1).log()
+    token = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
+    return token, logprob
+
+
+def _gather_to_src(x: torch.Tensor, ps) -> list[torch.Tensor] | None:
+    """Every MP rank's ``x`` (same shape), in MP-rank order, on MP rank 0; None elsewhere."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(ps.mp_size)] if ps.mp_rank == 0 else None
+    dist.gather(x, parts, dst=ps.mp_src, group=ps.mp_group)
+    return parts
+
+
+def _greedy_local(logits: torch.Tensor, ps, vocab_start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Argmax over the vocab-parallel logits with only [B, 3] numbers per rank sent to MP rank 0.
+
+    Returns (token [B], log-prob under softmax(logits) [B]) on MP rank 0, None elsewhere. Ties go to the
+    lowest token id, as torch.argmax does on the full row.
+    """
+    logits = logits.double()
+    best, arg = logits.max(dim=-1)  # first occurrence
+    stats = torch.stack([best, (arg + vocab_start).double(), torch.logsumexp(logits, dim=-1)], dim=-1)  # [B, 3]
+    if ps.mp_size == 1:
+        return arg, best - stats[:, 2]
+    parts = _gather_to_src(stats, ps)
+    if parts is None:
+        return None
+    stats = torch.stack(parts)  # [MP, B, 3]
+    owner = stats[:, :, 0].argmax(0)  # lowest rank (= lowest ids) among equal maxima
+    chosen = stats.gather(0, owner.view(1, -1, 1).expand(1, -1, 3)).squeeze(0)  # [B, 3]
+    return chosen[:, 1].long(), chosen[:, 0] - torch.logsumexp(stats[:, :, 2], dim=0)
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, ps, vocab_start: int, seed: int = 0,
+                keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's vocab slice of the last-position logits [B, V_padded / MP] -> (tokens [B] long,
+    log-probs [B] float64), identical on every MP rank.
+
+    Sampling gathers the full rows on MP rank 0 (B x V numbers); greedy sends only each rank's best.
+    ``keys`` [B, K] int64 name each row's random draw (e.g. prompt key, sample index, step).
+    Log-probs are under the distribution sampled from (after temperature, top-k, top-p); for greedy, under
+    softmax(logits).
+    """
+    logits = logits.float()
+    if params.greedy:
+        chosen = _greedy_local(logits, ps, vocab_start)
+    else:
+        if keys is None:
+            raise ValueError("sampling needs keys naming each row's random draw")
+        full = logits
+        if ps.mp_size > 1:
+            parts = _gather_to_src(logits, ps)
+            full = torch.cat(parts, dim=-1) if parts is not None else None  # [B, V_padded]
+        chosen = None
+        if full is not None:
+            probs, ids = filtered_distribution(full, params)
+            chosen = sample(probs, ids, uniforms(seed, keys.to(full.device)))
+    if ps.mp_size == 1:
+        return chosen[0], chosen[1]
+    packed = torch.empty(logits.shape[0], 2, dtype=torch.float64, device=logits.device)
+    if chosen is not None:
+        packed[:, 0], packed[:, 1] = chosen[0].double(), chosen[1]
+    dist.broadcast(packed, src=ps.mp_src, group=ps.mp_group)  # token ids < 2^53 are exact in float64
+    return packed[:, 0].long(), packed[:, 1]

@@ -1,0 +1,71 @@
+"""Batched sampling from a sharded model (evaluation, best-of-n, data generation).
+
+    torchrun --nproc_per_node 8 solver_generate.py --model_parallel_size 4 --ckpt_dir CKPT \\
+        --label_file test.jsonl --log_dir LOGS --model_type llama3-hf --max_seq_len 1024 --max_batch_size 128 \\
+        --temperature 0.6 --top_p 0.95 --num_samples_per_prompt 4 --use_chat_template
+
+Writes LOGS/results.jsonl: one line per input line, in input order, with "output" the list of samples.
+"""
+import argparse
+import os
+
+from llama_rlhf.cli import add_bool, add_chat_flags, add_model_flags
+from llama_rlhf.parallel.state import init_parallel
+from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_chat_flags(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--label_file", required=True,
+                   help='jsonl: {"instruction"[, "system"]} or {"messages": [...]} per line; other fields are kept')
+    d.add_argument("--log_dir", required=True, help="results.jsonl goes here")
+    add_bool(d, "--strict", False, "a prompt that does not fit --max_seq_len is an error instead of cut from the left")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    s.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    s.add_argument("--max_new_tokens", type=int, default=512, help="longest response in tokens")
+    s.add_argument("--num_samples_per_prompt", type=int, default=1, help="samples per prompt (one prefill each)")
+    s.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    if not args.ckpt_dir:
+        raise UsageError("--ckpt_dir is required (the checkpoint to sample from)")
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
+    if args.max_seq_len < 2:
+        raise UsageError(f"--max_seq_len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
+    return args
+
+
+def main():
+    args = parse_args()
+    compute_dtype = parse_dtype(args.dtype)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, timeout_minutes=12 * 60)
+    seed_everything(args.seed)
+    from llama_rlhf.batch_generate import run_generation
+    from llama_rlhf.models.families import detect_model_type, get_family
+    from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.tokenizer import load_tokenizer
+
+    if not os.path.isdir(args.ckpt_dir):
+        raise FileNotFoundError(f"--ckpt_dir {args.ckpt_dir} does not exist or is not a directory")
+    model_type = args.model_type or detect_model_type(args.ckpt_dir)
+    get_family(model_type)
+    tok = load_tokenizer(args.tokenizer_file or args.ckpt_dir, model_type=model_type)
+    model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
+    if args.max_seq_len > model.cfg.max_position_embeddings:
+        raise UsageError(f"--max_seq_len {args.max_seq_len} is beyond this model's max_position_embeddings "
+                         f"({model.cfg.max_position_embeddings}); pass --max_seq_len {model.cfg.max_position_embeddings}")
+    log(f"generating with {model_type} | MP={ps.mp_size} x {ps.dp_size * ps.sp_size} replicas | "
+        f"{str(compute_dtype).replace('torch.', '')} | temperature {args.temperature} top_p {args.top_p} "
+        f"top_k {args.top_k} | {args.num_samples_per_prompt} samples/prompt", ps)
+    path = run_generation(args, model, tok, ps, compute_dtype)
+    if path:
+        log(f"done: {path}", ps)
+
+
+if __name__ == "__main__":
+    run_main(main)
