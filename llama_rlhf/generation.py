@@ -54,9 +54,11 @@ class KVCache:
             buf[:rows, :, to:to + hi - lo] = buf[:rows, :, lo:hi].clone()
 
     def copy_rows(self, dst: slice | torch.Tensor, src: torch.Tensor, lo: int, hi: int, other: "KVCache" = None,
-                  other_lo: int = 0) -> None:
-        """Rows ``dst``, slots [lo, hi) <- rows ``src`` of ``other`` (default: this cache) from slot other_lo."""
+                  other_lo: int | None = None) -> None:
+        """Rows ``dst``, slots [lo, hi) <- rows ``src`` of ``other`` (default: this cache), slots from ``other_lo``
+        (default: ``lo``)."""
         other = other or self
+        other_lo = lo if other_lo is None else other_lo
         n = hi - lo
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
             mine[dst, :, lo:hi] = theirs[src, :, other_lo:other_lo + n]
@@ -100,7 +102,8 @@ class Generator:
     """Runs one ``generate`` call: holds the cache, the active rows and the queue of waiting samples."""
 
     def __init__(self, model, prompts, params: SamplingParams, end_ids, ps, max_batch_size: int,
-                 max_seq_len: int | None, seed: int, prompt_keys, compute_dtype, progress, progress_every):
+                 max_seq_len: int | None, seed: int, prompt_keys, compute_dtype, progress, progress_every,
+                 cache_slack: int | None = None):
         self.model, self.prompts, self.params, self.ps = model, prompts, params, ps
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.seed = seed
@@ -120,7 +123,8 @@ class Generator:
         self.rows = max(1, max_batch_size)
         longest = max((len(p) for p in prompts), default=1)
         self.max_row_len = min(self.max_seq_len, longest + params.max_new_tokens)
-        self.capacity = self.max_row_len + max(32, self.max_row_len // 4)
+        # slots beyond the longest row: the timeline is compacted once every ~slack decode steps at most
+        self.capacity = self.max_row_len + (max(32, self.max_row_len // 4) if cache_slack is None else cache_slack)
         kv_heads, head_dim = _kv_layout(model)
         self.cache = KVCache(model.cfg.num_layers, self.rows, kv_heads, head_dim, self.capacity, self.dtype,
                              ps.device)
@@ -131,6 +135,7 @@ class Generator:
         self.prompts_left = [params.num_samples] * len(prompts)
         self.progress, self.progress_every = progress, progress_every
         self.done_prompts, self.new_tokens, self.t0, self.last_report = 0, 0, time.time(), time.time()
+        self.stats = {"prefills": 0, "decode_steps": 0, "shifts_left": 0, "shifts_right": 0, "row_moves": 0}
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[list[Completion]]:
@@ -166,13 +171,15 @@ class Generator:
                           device)
         scratch.valid.copy_(positions > 0)
         scratch.valid[torch.arange(len(prompt_ids)), width - torch.tensor(lengths)] = True
-        logits = self.forward_last_logits(ids.to(device), positions.to(device), scratch.valid,
+        key_valid = None if min(lengths) == width else scratch.valid  # no padding: plain causal attention
+        logits = self.forward_last_logits(ids.to(device), positions.to(device), key_valid,
                                           scratch.window(len(prompt_ids), 0, 0))
+        self.stats["prefills"] += 1
         # make room on the left of the timeline for the longest prompt, then copy each sample's prompt cache
         if self.t < width:
             self.relayout(width - self.t)
         n, which = len(self.active), torch.tensor([prompt_ids.index(p) for p, _ in units])
-        self.cache.copy_rows(slice(n, n + len(units)), which.to(device), self.t - width, self.t, other=scratch)
+        self.cache.copy_rows(slice(n, n + len(units)), which.to(device), self.t - width, self.t, scratch, 0)
         self.cache.valid[n:n + len(units), :self.t - width] = False
         self.cache.valid[n:n + len(units), self.t:] = False
         for p, s in units:
@@ -191,6 +198,7 @@ class Generator:
         logits = self.forward_last_logits(ids, positions, self.cache.valid[:rows, offset:],
                                           self.cache.window(rows, offset, self.t - offset))
         self.t += 1
+        self.stats["decode_steps"] += 1
         self.choose(logits, self.active)
 
     def choose(self, logits: torch.Tensor, rows: list[_Row]) -> None:
@@ -223,6 +231,7 @@ class Generator:
                 self.cache.copy_rows(slice(i, i + 1), torch.tensor([last], device=self.ps.device), lo, self.t)
                 self.cache.valid[i, :lo] = False
                 self.active[i] = self.active[last]
+                self.stats["row_moves"] += 1
             self.active.pop()
 
     def relayout(self, shift: int) -> None:
@@ -238,6 +247,7 @@ class Generator:
                 self.cache.valid[:rows, self.t + shift:self.t] = False
             for r in self.active:
                 r.start += shift
+            self.stats["shifts_left" if shift < 0 else "shifts_right"] += 1
         self.t += shift
 
     def report(self, final: bool = False) -> None:
