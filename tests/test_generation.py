@@ -402,6 +402,29 @@ def check_mp_greedy_and_sampled_choice(*_):
     assert token.tolist() == want_token.tolist() and torch.allclose(logprob, want_logprob, atol=1e-12)
 
 
+def check_bfloat16(cases_file):
+    """bf16 weights (the solver's default), and fp32 weights under bf16 autocast: the cached decode picks the
+    tokens a cache-free greedy loop picks with the same model, and the cache holds bf16."""
+    from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.parallel.comm import gather_from_group
+    case, ps, fp32_model = load_case(cases_file, "llama")
+    bf16_model = load_pretrained(case["folder"], case["model_type"], ps, dtype=torch.bfloat16)
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    for model, compute in ((bf16_model, None), (fp32_model, torch.bfloat16)):
+        engine = Generator(model.eval(), case["prompts"], params, (), ps, 3, FAMILY_MAX_SEQ, 0, None, compute,
+                           None, 10)
+        assert engine.cache.k[0].dtype == torch.bfloat16
+        with torch.inference_mode():
+            results = engine.run()
+            for prompt, per_prompt in zip(case["prompts"], results):
+                ids = list(prompt)
+                for _ in range(4):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute is not None):
+                        logits = gather_from_group(model(torch.tensor([ids])), ps.mp_group)[0, -1]
+                    ids.append(int(logits.float().argmax()))
+                assert per_prompt[0].token_ids == ids[len(prompt):], (compute, per_prompt[0].token_ids, ids)
+
+
 FAMILIES = ["llama", "llama_kv1_tied", "llama_mha", "llama3", "qwen2", "qwen3", "gemma2", "mistral", "internlm3"]
 
 
@@ -417,7 +440,8 @@ def make_family_check(name):
 for _name in FAMILIES:
     globals()[f"check_{_name}"] = make_family_check(_name)
 MP2_CHECKS = [globals()[f"check_{n}"] for n in FAMILIES] + [check_sampling, check_temperature_to_zero_is_greedy,
-                                                            check_sampled_logprobs, check_mp_greedy_and_sampled_choice]
+                                                            check_sampled_logprobs, check_mp_greedy_and_sampled_choice,
+                                                            check_bfloat16]
 
 
 @pytest.fixture(scope="module")
