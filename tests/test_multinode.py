@@ -1,10 +1,12 @@
 """Multi-node launch on one machine: mpirun.sh + train-multi-node.sh (2 "nodes" x 2 processes) and the direct
-start ``mpirun -np N python solver_*.py`` must compute exactly what torchrun computes; bad input exits 2.
+start ``mpirun -np 2 python solver_{train,generate}.py`` must compute exactly what torchrun computes (same
+losses, same greedy results file); bad input exits 2; shellcheck passes.
 
 The two "nodes" are two OpenMPI slots on localhost (hostfile line ``localhost slots=2``): mpirun starts two
 launcher processes, OMPI ranks 0 and 1, each running torchrun --nnodes 2 --node_rank R --nproc_per_node 2.
 Extra mpirun options for unusual containers come from MPIRUN_ARGS (as for mpirun.sh).
 """
+import glob
 import json
 import os
 import shlex
@@ -20,7 +22,8 @@ from tests.hf_reference import write_tiny_chat_model
 from tests.launch import ROOT, _env, torchrun
 
 DATA = os.path.join(ROOT, "examples", "data", "sft_arithmetic.jsonl")
-SHELL_SCRIPTS = ["mpirun.sh", "train-multi-node.sh", "scripts/setup.sh", "examples/sft_demo.sh", ".ci/run"]
+SHELL_SCRIPTS = ["mpirun.sh", "train-multi-node.sh", "scripts/setup.sh", ".ci/run",
+                 *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "examples", "*.sh")))]
 
 
 def mpi_env(**extra) -> dict:
@@ -46,7 +49,9 @@ def direct_mpirun(script: str, args: list[str], np: int) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, smollm2_dir):
-    return write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")), smollm2_dir)
+    # weights large enough that greedy continuations differ between prompts
+    return write_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")), smollm2_dir, seed=3,
+                                 initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +102,29 @@ def test_direct_mpirun_train_equals_torchrun(tiny_model, small_data, tmp_path):
     assert "layout MP=2 SP=1 DP=1" in proc.stdout
     assert len(losses(ref)) == 3
     assert losses(direct) == losses(ref), (losses(direct), losses(ref))
+
+
+def test_direct_mpirun_generate_equals_torchrun(tiny_model, tmp_path):
+    """Greedy sampling at MP=2: ``mpirun -np 2 python solver_generate.py`` writes torchrun's results file."""
+    prompts = tmp_path / "prompts.jsonl"
+    with open(os.path.join(ROOT, "examples", "data", "prompts.jsonl")) as f:
+        prompts.write_text("".join(f.readlines()[:3]))
+
+    def gen_args(log_dir):
+        return ["--model_parallel_size", "2", "--ckpt_dir", tiny_model, "--label_file", str(prompts),
+                "--log_dir", log_dir, "--use_chat_template", "true", "--temperature", "0", "--max_new_tokens", "8",
+                "--max_seq_len", "128", "--dtype", "float32"]
+
+    ref, direct = tmp_path / "torchrun2", tmp_path / "direct"
+    proc = torchrun("solver_generate.py", gen_args(str(ref)), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = direct_mpirun("solver_generate.py", gen_args(str(direct)), np=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MP=2" in proc.stdout
+    want = (ref / "results.jsonl").read_text()
+    assert (direct / "results.jsonl").read_text() == want
+    outputs = [json.loads(line)["output"][0] for line in want.splitlines()]
+    assert len(outputs) == 3 and len(set(outputs)) == 3 and all(outputs), outputs
 
 
 PROBE = """#!/usr/bin/env bash
