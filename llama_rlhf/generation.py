@@ -21,6 +21,9 @@ from .runtime import autocast
 from .sampling import SamplingParams, next_tokens
 
 
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward (bounds its activation memory)
+
+
 @dataclass
 class Completion:
     """One sample: generated token ids (the end token included when it stopped), their log-probs under the
@@ -103,7 +106,7 @@ class Generator:
 
     def __init__(self, model, prompts, params: SamplingParams, end_ids, ps, max_batch_size: int,
                  max_seq_len: int | None, seed: int, prompt_keys, compute_dtype, progress, progress_every,
-                 cache_slack: int | None = None):
+                 cache_slack: int | None = None, prefill_tokens: int = PREFILL_TOKENS):
         self.model, self.prompts, self.params, self.ps = model, prompts, params, ps
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.seed = seed
@@ -125,6 +128,9 @@ class Generator:
         self.max_row_len = min(self.max_seq_len, longest + params.max_new_tokens)
         # slots beyond the longest row: the timeline is compacted once every ~slack decode steps at most
         self.capacity = self.max_row_len + (max(32, self.max_row_len // 4) if cache_slack is None else cache_slack)
+        if self.capacity <= self.max_row_len:
+            raise ValueError("cache_slack must be >= 1")
+        self.prefill_tokens = prefill_tokens
         kv_heads, head_dim = _kv_layout(model)
         self.cache = KVCache(model.cfg.num_layers, self.rows, kv_heads, head_dim, self.capacity, self.dtype,
                              ps.device)
@@ -156,35 +162,42 @@ class Generator:
             return self.model.logits(hidden[:, -1])  # [B, h] -> [B, V_padded / MP]
 
     def admit(self) -> None:
-        """Prefill the next waiting samples' prompts (each distinct prompt once) into free rows."""
+        """Move waiting samples into free rows: prefill each distinct prompt once (in chunks of at most
+        ``prefill_tokens`` padded tokens), copy its cache to its samples' rows, and choose their first tokens."""
         units = [self.waiting.popleft() for _ in range(min(self.rows - len(self.active), len(self.waiting)))]
-        prompt_ids = list(dict.fromkeys(p for p, _ in units))  # distinct, in order
+        chunk: list[int] = []
+        for p in dict.fromkeys(p for p, _ in units):  # distinct prompts, in order
+            width = max(len(self.prompts[q]) for q in chunk + [p])
+            if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
+                self.prefill([u for u in units if u[0] in chunk], chunk)
+                chunk = []
+            chunk.append(p)
+        self.prefill([u for u in units if u[0] in chunk], chunk)
+
+    def prefill(self, units: list[tuple[int, int]], prompt_ids: list[int]) -> None:
         lengths = [len(self.prompts[p]) for p in prompt_ids]
-        width = max(lengths)
-        ids = torch.full((len(prompt_ids), width), 0, dtype=torch.long)
+        width, device = max(lengths), self.ps.device
+        ids = torch.zeros((len(prompt_ids), width), dtype=torch.long)
         positions = torch.zeros((len(prompt_ids), width), dtype=torch.long)
         for i, (p, n) in enumerate(zip(prompt_ids, lengths)):  # left padding
             ids[i, width - n:] = torch.tensor(self.prompts[p])
             positions[i, width - n:] = torch.arange(n)
-        device = self.ps.device
         scratch = KVCache(self.model.cfg.num_layers, len(prompt_ids), *_kv_layout(self.model), width, self.dtype,
                           device)
-        scratch.valid.copy_(positions > 0)
-        scratch.valid[torch.arange(len(prompt_ids)), width - torch.tensor(lengths)] = True
+        scratch.valid.copy_(torch.arange(width) >= width - torch.tensor(lengths).view(-1, 1))
         key_valid = None if min(lengths) == width else scratch.valid  # no padding: plain causal attention
         logits = self.forward_last_logits(ids.to(device), positions.to(device), key_valid,
-                                          scratch.window(len(prompt_ids), 0, 0))
+                                          scratch.window(len(prompt_ids), 0, 0))  # [P, V_padded / MP]
         self.stats["prefills"] += 1
-        # make room on the left of the timeline for the longest prompt, then copy each sample's prompt cache
-        if self.t < width:
+        if self.t < width:  # make room on the left of the timeline for the longest prompt
             self.relayout(width - self.t)
-        n, which = len(self.active), torch.tensor([prompt_ids.index(p) for p, _ in units])
-        self.cache.copy_rows(slice(n, n + len(units)), which.to(device), self.t - width, self.t, scratch, 0)
+        n, which = len(self.active), torch.tensor([prompt_ids.index(p) for p, _ in units], device=device)
+        self.cache.copy_rows(slice(n, n + len(units)), which, self.t - width, self.t, scratch, 0)
         self.cache.valid[n:n + len(units), :self.t - width] = False
         self.cache.valid[n:n + len(units), self.t:] = False
         for p, s in units:
             self.active.append(_Row(p, s, len(self.prompts[p]), self.t - len(self.prompts[p])))
-        self.choose(logits[which.to(device)], self.active[n:])
+        self.choose(logits[which], self.active[n:])
 
     def decode_step(self) -> None:
         """Feed every active row's last token at slot t; choose the next one."""

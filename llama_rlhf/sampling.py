@@ -116,11 +116,11 @@ def _greedy_local(logits: torch.Tensor, ps, vocab_start: int) -> tuple[torch.Ten
     Returns (token [B], log-prob under softmax(logits) [B]) on MP rank 0, None elsewhere. Ties go to the
     lowest token id, as torch.argmax does on the full row.
     """
-    logits = logits.double()
     best, arg = logits.max(dim=-1)  # first occurrence
-    stats = torch.stack([best, (arg + vocab_start).double(), torch.logsumexp(logits, dim=-1)], dim=-1)  # [B, 3]
+    lse = torch.logsumexp(logits, dim=-1)  # fp32: one pass over B x V, exact enough for log-probs
+    stats = torch.stack([best.double(), (arg + vocab_start).double(), lse.double()], dim=-1)  # [B, 3]
     if ps.mp_size == 1:
-        return arg, best - stats[:, 2]
+        return arg, stats[:, 0] - stats[:, 2]
     parts = _gather_to_src(stats, ps)
     if parts is None:
         return None

@@ -26,7 +26,8 @@ NEW_TOKENS = 24
 QUESTIONS = ["What is 2+2?", "Write one sentence about the sea at night, mentioning the moon and the harbour.", "Hi",
              "Name three colours."]
 # with --max_seq_len 40, two decode rows and a one-slot-slack cache this schedule refills rows, moves rows,
-# compacts the timeline (shift left) and makes room for a longer prompt under live rows (shift right)
+# compacts the timeline (shift left) and makes room for a longer prompt under live rows (shift right); no end
+# tokens, so the schedule does not depend on the model
 FAMILY_LENGTHS, FAMILY_MAX_SEQ, FAMILY_NEW = [3, 30, 2, 4, 2, 25], 40, 12
 
 
@@ -316,7 +317,7 @@ def check_family(cases_file, name):
     case, ps, model = load_case(cases_file, name)
     prompts = case["prompts"]
     engine = Generator(model.eval(), prompts, GREEDY, (), ps, 2, FAMILY_MAX_SEQ, 0, None, None, None, 10,
-                       cache_slack=1)
+                       cache_slack=1, prefill_tokens=8)  # also one prompt per prefill
     with torch.inference_mode():
         squeezed = engine.run()
     stats = engine.stats
@@ -394,7 +395,7 @@ def check_mp_greedy_and_sampled_choice(*_):
     token, logprob = next_tokens(local, GREEDY, ps, vocab_start=8 * ps.mp_rank)
     assert token.tolist() == full.argmax(-1).tolist() and token[0] == 3
     want = torch.log_softmax(full.double(), -1).gather(-1, token.view(-1, 1)).squeeze(-1)
-    assert torch.allclose(logprob, want, atol=1e-12)
+    assert torch.allclose(logprob, want, atol=1e-6)
     params = SamplingParams(temperature=0.9, top_k=5, top_p=0.95)
     keys = torch.tensor([[i, 0, 0] for i in range(5)])
     token, logprob = next_tokens(local, params, ps, vocab_start=8 * ps.mp_rank, seed=11, keys=keys)
