@@ -149,7 +149,7 @@ def run_generation(args, model, tok, ps, compute_dtype) -> str | None:
     indices = list(range(replica, len(prompts), replicas))
 
     def progress(done, total, tokens, seconds):
-        log(f"replica 0/{replicas}: {done}/{total} prompts done, {tokens} tokens, "
+        log(f"replica 0 of {replicas}: {done}/{total} of its prompts done, {tokens} tokens, "
             f"{tokens / max(seconds, 1e-9):.1f} tokens/s", ps)
 
     outputs = generate(model, [prompts[i].ids for i in indices], params, tok.end_ids, ps,

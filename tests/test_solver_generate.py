@@ -2,7 +2,8 @@
 
 - Greedy: the DP=2 x MP=1 results file equals the DP=1 file byte for byte (5 prompts: DP does not divide them),
   in input order, with fields carried through, token counts, finish reasons and the left-cut prompt counted.
-- Sampling: DP=2 x MP=1 equals DP=1 x MP=2 byte for byte (random streams are keyed by prompt, not by rank).
+- Sampling: DP=2 x MP=1 equals DP=1 x MP=2 and SP=2 (whole sequences on each SP rank) byte for byte: random
+  streams are keyed by prompt, not by rank.
 - Bad input fails on every rank, non-zero, within seconds, with a message naming what to fix.
 """
 import json
@@ -85,6 +86,9 @@ def test_sampled_dp2_file_equals_mp2(model_dir, label_file, tmp_path):
                                         "--model_parallel_size", "2"))
     assert "MP=2 x 1 replicas" in log
     assert dp == mp, "sampled results depend on the layout"
+    sp, _ = run_solver(2, solver_args(model_dir, label_file, str(tmp_path / "sp2"), *sampling,
+                                      "--sequence_parallel_size", "2"))  # SP ranks generate as replicas
+    assert sp == dp, "SP=2 results differ from DP=2"
     rows = [json.loads(line) for line in dp.splitlines()]
     assert all(r["output"][0] != r["output"][1] for r in rows if r["id"] != "d"), "a prompt's two samples agree"
 
