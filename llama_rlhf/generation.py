@@ -145,21 +145,22 @@ class Generator:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[list[Completion]]:
-        while self.waiting or self.active:
-            if self.waiting and len(self.active) < self.rows:
-                self.admit()
-            if self.active:
-                self.decode_step()
-            self.report()
+        # one autocast region for the whole run: it keeps its low-precision copy of each weight across steps
+        with autocast(self.autocast_dtype, self.ps.device):
+            while self.waiting or self.active:
+                if self.waiting and len(self.active) < self.rows:
+                    self.admit()
+                if self.active:
+                    self.decode_step()
+                self.report()
         self.report(final=True)
         return self.results
 
     def forward_last_logits(self, ids, positions, key_valid, window) -> torch.Tensor:
         """Logits of the last position only: [B, S] -> this rank's vocab slice [B, V_padded / MP]."""
-        with autocast(self.autocast_dtype, self.ps.device):
-            hidden = self.model(ids, position_ids=positions, key_valid=key_valid, kv_cache=window,
-                                hidden_only=True)  # [B, S, h]
-            return self.model.logits(hidden[:, -1])  # [B, h] -> [B, V_padded / MP]
+        hidden = self.model(ids, position_ids=positions, key_valid=key_valid, kv_cache=window,
+                            hidden_only=True)  # [B, S, h]
+        return self.model.logits(hidden[:, -1])  # [B, h] -> [B, V_padded / MP]
 
     def admit(self) -> None:
         """Move waiting samples into free rows: prefill each distinct prompt once (in chunks of at most
