@@ -138,7 +138,8 @@ def pick_device(local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
-    threads = int(os.environ.get("LLAMA_RLHF_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(os.environ.get("LLAMA_RLHF_NUM_THREADS", 0)) or max(1, cores // local_world)
     torch.set_num_threads(threads)
     return torch.device("cpu")
 
