@@ -72,33 +72,75 @@ def uniforms(seed: int, keys: torch.Tensor) -> torch.Tensor:
     return _shift_right(h, 11).double() * 2.0 ** -53
 
 
-def filtered_distribution(logits: torch.Tensor, params: SamplingParams):
-    """logits [B, V] -> (probs [B, K] float64 summing to 1, token ids [B, K] or None for "column = token id").
+TOP_P_CANDIDATES = 1024  # top-p looks for its nucleus among this many most likely tokens before sorting all
+BLOCK = 256  # the inverse-CDF draw first finds the block of this many tokens, then the token inside it
 
-    Order as in transformers: temperature, then top-k, then top-p on what top-k kept.
+
+def filtered_distribution(logits: torch.Tensor, params: SamplingParams):
+    """logits [B, V] -> (probs [B, K] summing to 1 up to rounding, token ids [B, K] or None for "column = token
+    id"). Order as in transformers: temperature, then top-k, then top-p on what top-k kept.
+
+    Filtered distributions come back in float64, sorted by probability; the unfiltered one in the logits'
+    precision (at least fp32) over the whole vocabulary.
     """
-    logits = logits.double() / params.temperature
-    ids = None
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        logits, ids = torch.topk(logits, params.top_k, dim=-1)  # [B, V] -> [B, k], sorted descending
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
+    if params.top_k > 0 and params.top_k < x.shape[-1]:
+        vals, ids = torch.topk(x, params.top_k, dim=-1)  # [B, V] -> [B, k], sorted descending
+        probs = torch.softmax(vals.double(), dim=-1)
+    elif params.top_p < 1.0:
+        lse = torch.logsumexp(x, dim=-1, keepdim=True).double()  # the whole vocabulary's normaliser
+        vals, ids = torch.topk(x, min(TOP_P_CANDIDATES, x.shape[-1]), dim=-1)  # sorted descending
+        probs = torch.exp(vals.double() - lse)
+        wide = (probs.sum(-1) < params.top_p).nonzero().squeeze(-1)  # rows whose nucleus has more tokens
+        if len(wide) and probs.shape[-1] < x.shape[-1]:
+            probs = torch.nn.functional.pad(probs, (0, x.shape[-1] - probs.shape[-1]))  # [B, k] -> [B, V]
+            ids = torch.nn.functional.pad(ids, (0, x.shape[-1] - ids.shape[-1]))
+            vals, ids[wide] = torch.sort(x[wide], dim=-1, descending=True)  # only those rows sort everything
+            probs[wide] = torch.exp(vals.double() - lse[wide])
+    else:
+        return torch.softmax(x, dim=-1), None
     if params.top_p < 1.0:
-        if ids is None:
-            logits, ids = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
         probs = probs.masked_fill(before >= params.top_p, 0.0)  # the most likely token always stays
-        return probs / probs.sum(-1, keepdim=True), ids
-    return torch.softmax(logits, dim=-1), ids
+    return probs / probs.sum(-1, keepdim=True), ids
+
+
+def _last_positive(p: torch.Tensor) -> torch.Tensor:
+    """Index of the last entry > 0 in each row of p [B, K]."""
+    return p.shape[-1] - 1 - (p > 0).flip(-1).to(torch.int8).argmax(-1)
+
+
+def _search(cdf: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """First column whose cdf exceeds target [B] (never a zero-weight column, whatever the rounding)."""
+    col = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    return torch.minimum(col, _last_positive(weights))
 
 
 def sample(probs: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF draw: probs [B, K], u [B] in [0, 1) -> (token ids [B], log-probs [B] of the drawn tokens)."""
-    cdf = torch.cumsum(probs, dim=-1)  # [B, K]
-    col = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)  # guards rounding at u ~ 1
-    col = torch.minimum(col, last_possible)
-    logprob = probs.gather(-1, col.unsqueeze(-1)).squeeze(-1).log()
-    token = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
+    """Inverse-CDF draw: probs [B, K], u [B] in [0, 1) -> (token ids [B], log-probs [B] of the drawn tokens).
+
+    Two levels, cumulated in float64: the block of BLOCK tokens holding the quantile, then the token in it.
+    """
+    b, k = probs.shape
+    rows = torch.arange(b, device=probs.device)
+    if k <= 4 * BLOCK:
+        weights = probs.double()
+        cdf = torch.cumsum(weights, dim=-1)
+        total = cdf[:, -1]
+        col = _search(cdf, u * total, weights)
+    else:
+        padded = torch.nn.functional.pad(probs, (0, -k % BLOCK)) if k % BLOCK else probs
+        blocks = padded.view(b, -1, BLOCK)  # [B, K / BLOCK, BLOCK]
+        block_mass = blocks.sum(-1).double()  # a sum of BLOCK terms: fine in the probabilities' own precision
+        block_cdf = torch.cumsum(block_mass, dim=-1)
+        total = block_cdf[:, -1]
+        target = u * total
+        blk = _search(block_cdf, target, block_mass)
+        inner = blocks[rows, blk].double()  # [B, BLOCK]
+        before = block_cdf[rows, blk] - block_mass[rows, blk]
+        col = blk * BLOCK + _search(torch.cumsum(inner, dim=-1), target - before, inner)
+    logprob = probs[rows, col].double().log() - total.log()
+    token = col if ids is None else ids[rows, col]
     return token, logprob
 
 

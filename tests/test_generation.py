@@ -100,6 +100,34 @@ def test_inverse_cdf_draw_matches_exact_quantiles():
     assert edge.item() == 4, "u next to 1 must still land on the last token with probability > 0"
 
 
+def test_two_level_draw_equals_one_cumsum_over_a_large_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 3000, generator=g, dtype=torch.float64) ** 4  # not a multiple of the block size
+    probs[1, 1000:2900] = 0.0  # whole empty blocks
+    probs[2, :-1] = 0.0  # all mass on the last token
+    probs /= probs.sum(-1, keepdim=True)
+    u = torch.rand(20000, generator=g, dtype=torch.float64)
+    for r in range(3):
+        tokens, logprobs = sample(probs[r].expand(len(u), -1), None, u)
+        want = torch.searchsorted(probs[r].cumsum(0), u, right=True)
+        assert torch.equal(tokens, want), f"row {r}: {(tokens != want).sum()} draws differ from the one-level CDF"
+        assert torch.allclose(logprobs, probs[r, tokens].log(), atol=1e-12)
+
+
+def test_top_p_beyond_the_candidates_sorts_those_rows(monkeypatch):
+    import llama_rlhf.sampling as sampling
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [0.1, 0.0, 0.2, -0.1, 0.05, 0.0, 0.3, 0.1]],
+                          dtype=torch.float64)
+    params = SamplingParams(1.0, top_p=0.9)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 3)  # row 0's nucleus fits in 3 candidates, row 1's does not
+    probs, ids = filtered_distribution(logits, params)
+    assert probs.shape == (2, 8), "the wide row must bring every token"
+    for r in range(2):
+        got = as_dict(probs[r], ids[r])
+        want = hand_distribution(logits[r].tolist(), 1.0, 0, 0.9)
+        assert set(got) == set(want) and all(abs(got[t] - want[t]) < 1e-12 for t in want), (r, got, want)
+
+
 def splitmix_reference(seed: int, keys: list[int]) -> float:
     """The same counter-based hash in Python integers."""
     mask = (1 << 64) - 1
