@@ -133,3 +133,33 @@ def test_missing_checkpoint_dir(label_file, tmp_path):
 def test_model_parallel_must_divide_heads(model_dir, label_file, tmp_path):
     args = solver_args(model_dir, label_file, str(tmp_path / "o"), "--model_parallel_size", "3")
     expect_failure_everywhere(*launch(args, 3), "num_attention_heads 4 is not divisible by --model_parallel_size 3")
+
+
+def test_prompts_render_like_training(smollm2_dir, tmp_path):
+    """Chat template vs plain "system\\n\\nuser\\n" rendering, reference answers dropped, left cut keeps BOS."""
+    from llama_rlhf.batch_generate import fit_prompt, prompt_ids, read_prompts
+    from llama_rlhf.jsonl import DataError
+    from llama_rlhf.tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2_dir, model_type="llama-hf")
+    user = [{"role": "user", "content": "Hi"}]
+    chat = prompt_ids({"messages": user + [{"role": "assistant", "content": "ref"}]}, tok, True, None, "f:1")
+    assert chat == tok.encode_chat(user, add_generation_prompt=True)
+    assert prompt_ids({"instruction": "Hi"}, tok, True, None, "f:1") == chat
+    system = [{"role": "system", "content": "Be brief."}] + user
+    assert prompt_ids({"instruction": "Hi", "system": "Be brief."}, tok, True, None, "f:1") == \
+        tok.encode_chat(system, add_generation_prompt=True)
+    assert prompt_ids({"instruction": "Hi"}, tok, True, "Be brief.", "f:1") == \
+        tok.encode_chat(system, add_generation_prompt=True)
+    assert prompt_ids({"instruction": "Hi", "system": "Be brief."}, tok, False, None, "f:1") == \
+        tok.encode("Be brief.\n\nHi\n", add_bos=tok.adds_bos)
+    with pytest.raises(DataError, match="f:7: multi-turn 'messages' need --use_chat_template true"):
+        prompt_ids({"messages": user + [{"role": "assistant", "content": "a"}] + user}, tok, False, None, "f:7")
+    with pytest.raises(DataError, match="f:2: 'messages' has no user turn"):
+        prompt_ids({"messages": [{"role": "assistant", "content": "a"}]}, tok, True, None, "f:2")
+    assert fit_prompt([1, 5, 6, 7, 8, 9], 4, bos_id=1) == ([1, 8, 9], 3)
+    assert fit_prompt([5, 6, 7, 8, 9], 4, bos_id=1) == ([7, 8, 9], 2)
+    assert fit_prompt([5, 6, 7], 4, bos_id=1) == ([5, 6, 7], 0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no prompts"):
+        read_prompts(str(empty), tok, True, None, 64, False)
