@@ -6,6 +6,8 @@ next token into the same slot ``t``; a row's tokens fill the contiguous slots [r
 are masked by ``valid``. Position ids start at 0 at each prompt's first real token, so padding never shifts RoPE,
 and slot distances equal position distances (sliding windows stay correct). Active rows are always rows 0..n-1:
 a finished row is refilled in place or the last active row moves into it, so decode runs on a contiguous view.
+Decode attends only from the oldest live row's first slot on; when the timeline reaches the cache's capacity,
+the live slots are moved back to slot 0 (and moved right when a longer prompt arrives than fits before t).
 
 Every MP rank runs the same schedule: tokens come from MP rank 0 (``sampling.next_tokens``).
 """
