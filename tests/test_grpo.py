@@ -176,3 +176,23 @@ def test_bad_reward_specs_fail_on_every_rank(tiny_chat, tmp_path):
                                                        "--max_steps", "1"), world=2)
     for rank, r in enumerate(results):
         assert r.returncode != 0 and "raised ValueError: no answer field" in r.stderr, r.stderr
+
+
+def test_resume_continues_exactly(tiny_chat, tmp_path):
+    data = os.path.join(ROOT, "examples", "data", "grpo_arithmetic.jsonl")
+    reward_file = tmp_path / "even.py"
+    reward_file.write_text("def even_ids(completion, sample):\n"
+                           "    ids = sample['completion_ids']\n"
+                           "    return sum(t % 2 == 0 for t in ids) / max(len(ids), 1)\n")
+    reward = f"{reward_file}:even_ids"
+
+    def metrics(out):
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [(m["reward_mean"], m["loss"]) for m in map(json.loads, f)]
+
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    for out, steps, extra in ((straight, "4", []), (split, "2", []), (split, "4", ["--resume", "true"])):
+        proc = torchrun("solver_grpo.py", grpo_args(tiny_chat, data, out, reward, "--max_steps", steps, *extra), 1)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metrics(straight) == metrics(split)
+    assert len(metrics(split)) == 4
