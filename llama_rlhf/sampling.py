@@ -76,33 +76,47 @@ TOP_P_CANDIDATES = 1024  # top-p looks for its nucleus among this many most like
 BLOCK = 256  # the inverse-CDF draw first finds the block of this many tokens, then the token inside it
 
 
-def filtered_distribution(logits: torch.Tensor, params: SamplingParams):
-    """logits [B, V] -> (probs [B, K] summing to 1 up to rounding, token ids [B, K] or None for "column = token
-    id"). Order as in transformers: temperature, then top-k, then top-p on what top-k kept.
+def filtered_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [B, V] -> probabilities [B, V] in token-id order, summing to 1 up to rounding. Order as in
+    transformers: temperature, then top-k, then top-p on what top-k kept.
 
-    Filtered distributions come back in float64, sorted by probability; the unfiltered one in the logits'
-    precision (at least fp32) over the whole vocabulary.
+    Token-id order (not probability order) keeps the draw stable: a logit perturbation as small as MP's
+    reduction-order rounding moves each token's CDF interval by as little, instead of reordering near-equal
+    tokens. Probabilities are computed in float64 and returned in the logits' precision (at least fp32).
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
     if params.top_k > 0 and params.top_k < x.shape[-1]:
         vals, ids = torch.topk(x, params.top_k, dim=-1)  # [B, V] -> [B, k], sorted descending
-        probs = torch.softmax(vals.double(), dim=-1)
+        probs = _top_p(torch.softmax(vals.double(), dim=-1), params.top_p)
     elif params.top_p < 1.0:
         lse = torch.logsumexp(x, dim=-1, keepdim=True).double()  # the whole vocabulary's normaliser
         vals, ids = torch.topk(x, min(TOP_P_CANDIDATES, x.shape[-1]), dim=-1)  # sorted descending
         probs = torch.exp(vals.double() - lse)
         wide = (probs.sum(-1) < params.top_p).nonzero().squeeze(-1)  # rows whose nucleus has more tokens
-        if len(wide) and probs.shape[-1] < x.shape[-1]:
-            probs = torch.nn.functional.pad(probs, (0, x.shape[-1] - probs.shape[-1]))  # [B, k] -> [B, V]
-            ids = torch.nn.functional.pad(ids, (0, x.shape[-1] - ids.shape[-1]))
-            vals, ids[wide] = torch.sort(x[wide], dim=-1, descending=True)  # only those rows sort everything
-            probs[wide] = torch.exp(vals.double() - lse[wide])
+        probs = _top_p(probs, params.top_p)
+        if len(wide) and ids.shape[-1] < x.shape[-1]:
+            dense = _scatter(probs, ids, x)
+            vals, order = torch.sort(x[wide], dim=-1, descending=True)  # only those rows sort everything
+            dense[wide] = _scatter(_top_p(torch.exp(vals.double() - lse[wide]), params.top_p), order, x[wide])
+            return dense
     else:
-        return torch.softmax(x, dim=-1), None
-    if params.top_p < 1.0:
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        probs = probs.masked_fill(before >= params.top_p, 0.0)  # the most likely token always stays
-    return probs / probs.sum(-1, keepdim=True), ids
+        return torch.softmax(x, dim=-1)
+    return _scatter(probs, ids, x)
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail of probabilities sorted descending [B, K]: keep the smallest prefix whose mass reaches top_p."""
+    if top_p >= 1.0:
+        return probs
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+    return probs.masked_fill(before >= top_p, 0.0)  # the most likely token always stays
+
+
+def _scatter(probs: torch.Tensor, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, K] float64 weights of tokens ``ids`` -> normalised probabilities [B, V] in token-id order (zero
+    elsewhere), in the dtype of ``like`` [B, V]."""
+    probs = (probs / probs.sum(-1, keepdim=True)).to(like.dtype)
+    return torch.zeros_like(like).scatter_add_(-1, ids, probs)
 
 
 def _last_positive(p: torch.Tensor) -> torch.Tensor:
@@ -116,8 +130,8 @@ def _search(cdf: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> t
     return torch.minimum(col, _last_positive(weights))
 
 
-def sample(probs: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF draw: probs [B, K], u [B] in [0, 1) -> (token ids [B], log-probs [B] of the drawn tokens).
+def sample(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw: probs [B, V] (token-id order), u [B] in [0, 1) -> (tokens [B], their log-probs [B]).
 
     Two levels, cumulated in float64: the block of BLOCK tokens holding the quantile, then the token in it.
     """
@@ -127,10 +141,10 @@ def sample(probs: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> tu
         weights = probs.double()
         cdf = torch.cumsum(weights, dim=-1)
         total = cdf[:, -1]
-        col = _search(cdf, u * total, weights)
+        token = _search(cdf, u * total, weights)
     else:
         padded = torch.nn.functional.pad(probs, (0, -k % BLOCK)) if k % BLOCK else probs
-        blocks = padded.view(b, -1, BLOCK)  # [B, K / BLOCK, BLOCK]
+        blocks = padded.view(b, -1, BLOCK)  # [B, V / BLOCK, BLOCK]
         block_mass = blocks.sum(-1).double()  # a sum of BLOCK terms: fine in the probabilities' own precision
         block_cdf = torch.cumsum(block_mass, dim=-1)
         total = block_cdf[:, -1]
@@ -138,10 +152,8 @@ def sample(probs: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> tu
         blk = _search(block_cdf, target, block_mass)
         inner = blocks[rows, blk].double()  # [B, BLOCK]
         before = block_cdf[rows, blk] - block_mass[rows, blk]
-        col = blk * BLOCK + _search(torch.cumsum(inner, dim=-1), target - before, inner)
-    logprob = probs[rows, col].double().log() - total.log()
-    token = col if ids is None else ids[rows, col]
-    return token, logprob
+        token = blk * BLOCK + _search(torch.cumsum(inner, dim=-1), target - before, inner)
+    return token, probs[rows, token].double().log() - total.log()
 
 
 def _gather_to_src(x: torch.Tensor, ps) -> list[torch.Tensor] | None:
@@ -194,8 +206,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, ps, vocab_start: i
             full = torch.cat(parts, dim=-1) if parts is not None else None  # [B, V_padded]
         chosen = None
         if full is not None:
-            probs, ids = filtered_distribution(full, params)
-            chosen = sample(probs, ids, uniforms(seed, keys.to(full.device)))
+            chosen = sample(filtered_distribution(full, params), uniforms(seed, keys.to(full.device)))
     if ps.mp_size == 1:
         return chosen[0], chosen[1]
     packed = torch.empty(logits.shape[0], 2, dtype=torch.float64, device=logits.device)
