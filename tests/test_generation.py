@@ -206,8 +206,8 @@ def smollm2_case(smollm2_dir, smollm2_hf, tmp_path_factory):
 
 
 def compare_with_reference(results, ref, what):
-    for i, (sample, tokens, logprobs) in enumerate(zip(results, ref["tokens"], ref["logprobs"])):
-        got = sample[0]
+    for i, (per_prompt, tokens, logprobs) in enumerate(zip(results, ref["tokens"], ref["logprobs"])):
+        got = per_prompt[0]
         assert got.token_ids == tokens, f"{what}, prompt {i}: {first_difference(got.token_ids, tokens)}"
         assert got.finish_reason == ("stop" if len(tokens) < NEW_TOKENS else "length"), (what, i, got.finish_reason)
         d = max(abs(a - b) for a, b in zip(got.logprobs, logprobs))
