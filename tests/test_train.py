@@ -1,7 +1,6 @@
 """solver_train.py end to end: loss falls, exact resume, HF export, gradient accumulation, bad input."""
 import json
 import os
-import shutil
 
 import pytest
 import torch

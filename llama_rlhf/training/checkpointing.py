@@ -21,6 +21,16 @@ import torch.distributed as dist
 from ..checkpoint.export import export_hf
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_config_source(args, resume_from: str | None) -> str | None:
+    """The config.json an export starts from: the resumed checkpoint's, the run's own, or none (from scratch)."""
+    if resume_from:
+        return os.path.join(resume_from, "config.json")
+    if getattr(args, "from_scratch", False):
+        return None
+    return args.config_file or os.path.join(args.ckpt_dir, "config.json")
 
 
 def checkpoint_dirs(save_dir: str) -> list[tuple[int, str]]:

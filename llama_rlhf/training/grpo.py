@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
 from ..generation import generate
 from ..jsonl import DataError, read_jsonl
@@ -24,7 +25,8 @@ from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
 from ..tokenizer import load_tokenizer
-from .checkpointing import check_save_dir, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
+                            load_training_state, save_checkpoint)
 from .grad_sync import GradientSync, clip_grad_norm
 from .grpo_loss import group_advantages, token_terms, token_weights
 from .optim import lr_at, make_optimizer, set_lr
@@ -62,36 +64,20 @@ class Rollout:
 
 def load_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | None, max_prompt_len: int,
                  needs_answer: bool) -> tuple[list[Prompt], int]:
-    """Prompts from jsonl (``instruction`` or ``messages``; other fields kept); returns them and how many were
-    cut from the left to ``max_prompt_len`` tokens."""
-    prompts, truncated = [], 0
+    """Prompts from jsonl, rendered as solver_generate renders them (``instruction`` or ``messages``; other
+    fields kept for the rewards); returns them and how many were cut from the left to ``max_prompt_len``."""
+    prompts, cut = [], 0
     for line_no, obj in read_jsonl(path):
         where = f"{path}:{line_no}"
-        if "messages" in obj:
-            messages = obj["messages"]
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-                raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-            if messages[-1].get("role") == "assistant":
-                messages = messages[:-1]
-        elif isinstance(obj.get("instruction"), str):
-            messages = [{"role": "user", "content": obj["instruction"]}]
-        else:
-            raise DataError(f"{where}: expected an 'instruction' string or 'messages'")
         if needs_answer and "answer" not in obj:
             raise DataError(f"{where}: the accuracy reward needs an 'answer' field")
-        if use_chat_template:
-            ids = tok.encode_chat(messages, add_generation_prompt=True, system_prompt=system_prompt)
-        else:
-            system = f"{system_prompt}\n\n" if system_prompt else ""
-            ids = tok.encode(system + "\n".join(m["content"] for m in messages) + "\n", add_bos=tok.adds_bos)
-        if len(ids) > max_prompt_len:
-            truncated += 1
-            ids = ids[-max_prompt_len:]
+        ids, n_cut = fit_prompt(prompt_ids(obj, tok, use_chat_template, system_prompt, where), max_prompt_len + 1,
+                                tok.bos_id)
+        cut += n_cut > 0
         prompts.append(Prompt(len(prompts), ids, obj))
     if not prompts:
         raise DataError(f"{path}: no prompts")
-    return prompts, truncated
+    return prompts, cut
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int, multiple: int, fields=("old", "ref", "adv")) -> dict:
@@ -270,9 +256,8 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     if resume_from:
         start_step = load_training_state(resume_from, model, optimizer, ps)["step"]
         log(f"resumed from {resume_from} at step {start_step}", ps)
-    source_config = os.path.join(resume_from, "config.json") if resume_from else (
-        args.config_file or os.path.join(args.ckpt_dir, "config.json"))
-    save_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.save_dtype]
+    source_config = export_config_source(args, resume_from)
+    save_dtype = SAVE_DTYPES[args.save_dtype]
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
     if ps.rank == 0:
         os.makedirs(log_dir, exist_ok=True)

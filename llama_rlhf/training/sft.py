@@ -13,10 +13,11 @@ from ..data import StepBatches, collate, load_samples, pack
 from ..models.families import detect_model_type, get_family
 from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.comm import all_reduce
-from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
+from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..runtime import UsageError, autocast, log
 from ..tokenizer import load_tokenizer
-from .checkpointing import check_save_dir, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
+                            load_training_state, save_checkpoint)
 from .grad_sync import GradientSync, clip_grad_norm
 from .optim import lr_at, make_optimizer, set_lr
 
@@ -150,10 +151,8 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
         start_step = trainer["step"]
         log(f"resumed from {resume_from} at step {start_step}", ps)
 
-    source_config = None if args.from_scratch else (args.config_file or os.path.join(args.ckpt_dir, "config.json"))
-    if resume_from:
-        source_config = os.path.join(resume_from, "config.json")
-    save_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.save_dtype]
+    source_config = export_config_source(args, resume_from)
+    save_dtype = SAVE_DTYPES[args.save_dtype]
     last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
     metrics_path = os.path.join(log_dir, "metrics.jsonl")
     if ps.rank == 0:
