@@ -108,11 +108,17 @@ def run(quick: bool = False) -> list[dict]:
     from tools.fetch_smollm2 import ensure_smollm2
     model_dir = ensure_smollm2()
     batch, seq, steps = (2, 256, 2) if quick else (4, 512, 3)
+    from benchmarks.load import mp_refusal
     rows = []
     for dtype in ("float32", "bfloat16"):
         hf = measure("hf", 1, dtype, model_dir, batch, seq, steps)
         rows.append(hf)
-        for mp in (1, 3) if dtype == "float32" or not quick else (1,):
+        for mp in (1, 2, 3) if dtype == "float32" or not quick else (1,):
+            refusal = mp_refusal(model_dir, mp)
+            if refusal:  # e.g. SmolLM2's 9 heads cannot split over MP=2: say so, do not skip silently
+                rows.append({"impl": "llama_rlhf", "mp": mp, "dtype": dtype, "batch": batch, "seq": seq,
+                             "status": "refused", "reason": refusal})
+                continue
             ours = measure("ours", mp, dtype, model_dir, batch, seq, steps)
             ours["speedup_vs_transformers"] = ours["tokens_per_s"] / hf["tokens_per_s"]
             ours["rss_ratio_vs_transformers"] = ours["peak_rss_mb_per_rank"] / hf["peak_rss_mb_per_rank"]
@@ -123,6 +129,9 @@ def run(quick: bool = False) -> list[dict]:
 def print_table(rows):
     print(f"{'impl':<13}{'MP':>3} {'dtype':<9}{'tok/s':>9}{'step s (min-max)':>22}{'peak RSS MB':>13}{'vs HF':>8}")
     for r in rows:
+        if r.get("status") == "refused":
+            print(f"{r['impl']:<13}{r['mp']:>3} {r['dtype']:<9}refused: {r['reason']}")
+            continue
         ratio = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else ""
         span = f"{r['step_s_median']:.2f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f})"
         print(f"{r['impl']:<13}{r['mp']:>3} {r['dtype']:<9}{r['tokens_per_s']:>9.0f}{span:>22}"
