@@ -28,8 +28,8 @@ def parse_args(argv=None):
     o.add_argument("--lr_scheduler", default="cosine", choices=SCHEDULES, help="decay after warmup")
     o.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps")
     o.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
-    o.add_argument("--adam_beta1", type=float, default=0.9)
-    o.add_argument("--adam_beta2", type=float, default=0.999)
+    o.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (first-moment decay)")
+    o.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (second-moment decay)")
     o.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     o.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches per optimizer step; the loss is the token mean over all of them")

@@ -162,3 +162,47 @@ def test_sample_without_response_after_truncation_is_skipped_and_reported(tiny_m
     data.write_text(json.dumps(long_chat) + "\n")
     with pytest.raises(Exception, match="no usable training samples .1 had no response tokens left"):
         load_samples(str(data), tok, True, None, 32)
+
+
+def test_pretraining_from_scratch_with_packing_eval_and_checkpoint_rotation(tiny_model, smollm2_dir, tmp_path):
+    """--from_scratch --config_file on raw text, packed rows, activation checkpointing, eval, keep 2 checkpoints."""
+    with open(DATA) as f:
+        texts = [json.loads(line)["output"] for line in f][:120]
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:100]))
+    evaluation.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[100:]))
+    out = str(tmp_path / "pretrain")
+    args = ["--from_scratch", "true", "--config_file", os.path.join(tiny_model, "config.json"),
+            "--tokenizer_file", smollm2_dir, "--model_type", "llama-hf", "--train_file", str(train),
+            "--eval_file", str(evaluation), "--eval_steps", "5", "--save_dir", out, "--packing", "true",
+            "--activation_checkpointing", "true", "--max_seq_len", "128", "--max_batch_size", "2",
+            "--lr", "3e-3", "--lr_scheduler", "linear", "--warmup_steps", "2", "--dtype", "float32",
+            "--epochs", "10", "--max_steps", "15", "--save_steps", "5", "--save_total_limit", "2",
+            "--model_parallel_size", "2"]
+    proc = torchrun("solver_train.py", args, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 1.0, evals
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
+    assert metrics[0]["lr"] < metrics[1]["lr"] and metrics[-1]["lr"] < metrics[2]["lr"]  # warmup, then decay
+    kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert kept == ["checkpoint-10", "checkpoint-15"], kept
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tiny_model, small_data):
+    tok = load_tokenizer(tiny_model)
+    samples, _ = load_samples(small_data, tok, True, None, 128)
+    rows = pack(samples, 128, True)
+    ps = single_process_state()
+    results = []
+    for checkpointing in (False, True):
+        model = load_pretrained(tiny_model, "llama-hf", ps)
+        model.activation_checkpointing = checkpointing
+        opt = make_optimizer(model, 1e-3, 0.0)
+        batches, total = StepBatches(rows, 2, 1, 2, seed=1).micro_batches(0, 0, 0)
+        r = train_step(model, opt, GradientSync(model, ps), batches, total, ps, torch.float32, tok.pad_id, 1.0, True)
+        results.append((r.loss, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
