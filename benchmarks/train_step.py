@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -98,8 +99,8 @@ def measure(impl, mp, dtype, model_dir, batch, seq, steps):
     times = sorted(records[0]["times"])
     tokens = batch * seq
     return {"impl": "transformers" if impl == "hf" else "llama_rlhf", "mp": mp, "dtype": dtype,
-            "batch": batch, "seq": seq, "step_s_median": times[len(times) // 2], "step_s_min": times[0],
-            "step_s_max": times[-1], "tokens_per_s": tokens / times[len(times) // 2],
+            "batch": batch, "seq": seq, "step_s_median": statistics.median(times), "step_s_min": times[0],
+            "step_s_max": times[-1], "tokens_per_s": tokens / statistics.median(times),
             "peak_rss_mb_per_rank": max(r["peak_rss_mb"] for r in records), "loss": records[0]["loss"]}
 
 
