@@ -11,13 +11,13 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases)."""
+    """AdamW (fused kernel) with weight decay on matrices only (not on norms, biases)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # one kernel per step, CPU or CUDA
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, schedule: str,
