@@ -3,7 +3,9 @@
 Peak: large square GEMMs (torch.mm, 1024..4096) in fp32 and bf16, in a fresh process with as many torch
 threads as the MP=1 training process uses (every core this process may run on). The peak is the best single
 GEMM observed (a shared machine only ever slows a GEMM down, so the best is the fairest denominator, and it
-makes MFU conservative); the median and min of the best size are reported next to it.
+makes MFU conservative); the median and min of the best size are reported next to it, and so is the rate of
+the training step's own GEMM shapes (one layer's projections and the LM head at batch x seq tokens), which
+tells how much of a shortfall is GEMM shape and how much is everything that is not a GEMM.
 
 Model FLOPs of one training step (forward + backward), the PaLM convention (Chowdhery et al. 2022, app. B):
     tokens x (6 N + 12 L H D S)
@@ -33,40 +35,66 @@ def machine_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def gemm_worker(dtype_name: str, threads: int, sizes: list[int], repeats: int) -> dict:
-    """{size: [GFLOP/s per repeat]} for C = A @ B with square [n, n] operands of ``dtype_name``."""
+def gemm_rates(dtype_name: str, shapes: list[list[int]], repeats: int) -> list[float]:
+    """GFLOP/s of running every [m, k] x [k, n] GEMM of ``shapes`` once, per repeat (after one warm-up)."""
+    import torch
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    operands = [(torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype),
+                 torch.empty(m, n, dtype=dtype)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    rates = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        for a, b, c in operands:
+            torch.mm(a, b, out=c)
+        if i:  # the first pass warms kernels, the thread pool and the output pages
+            rates.append(flops / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def gemm_worker(dtype_name: str, threads: int, sizes: list[int], repeats: int,
+                model_shapes: list[list[int]] | None = None) -> dict:
+    """{size: [GFLOP/s per repeat]} for square [n, n] GEMMs of ``dtype_name`` (and "model": the same for the
+    training step's own GEMM shapes, when given)."""
     import torch
     torch.set_num_threads(threads)
-    dtype = getattr(torch, dtype_name)
-    out = {}
-    for n in sizes:
-        g = torch.Generator().manual_seed(n)
-        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-        c = torch.empty(n, n, dtype=dtype)
-        torch.mm(a, b, out=c)  # warm-up: kernels, thread pool, pages of c
-        rates = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b, out=c)
-            rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-        out[n] = rates
+    out = {n: gemm_rates(dtype_name, [[n, n, n]], repeats) for n in sizes}
+    if model_shapes:
+        out["model"] = gemm_rates(dtype_name, model_shapes, repeats)
     return out
 
 
-def measure_peak(dtype: str, threads: int, quick: bool) -> dict:
-    """Matmul peak of ``dtype`` measured in a fresh process; returns one result row."""
+def model_gemm_shapes(cfg, tokens: int) -> list[list[int]]:
+    """The forward GEMMs [m, k, n] of one decoder layer and the LM head for ``tokens`` tokens (backward runs the
+    same sizes transposed)."""
+    h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    return [[tokens, h, q], [tokens, h, kv], [tokens, h, kv], [tokens, q, h], [tokens, h, f], [tokens, h, f],
+            [tokens, f, h], [tokens, h, cfg.vocab_size]]
+
+
+def measure_peak(dtype: str, threads: int, quick: bool, model_shapes: list[list[int]] | None = None) -> dict:
+    """Matmul peak of ``dtype`` measured in a fresh process; returns one result row (with the rate of the
+    model's own GEMM shapes as ``model_gemm_gflops`` when ``model_shapes`` is given)."""
     sizes, repeats = ([1024, 2048], 5) if quick else ([1024, 2048, 4096], 7)
-    cmd = [sys.executable, "-m", "benchmarks.mfu", "--gemm_worker", json.dumps([dtype, threads, sizes, repeats])]
+    spec = json.dumps([dtype, threads, sizes, repeats, model_shapes])
+    cmd = [sys.executable, "-m", "benchmarks.mfu", "--gemm_worker", spec]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"GEMM peak ({dtype}) failed:\n{proc.stderr[-3000:]}")
     rates = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
-    per_size = {int(n): {"median": statistics.median(r), "min": min(r), "max": max(r), "n": len(r)}
-                for n, r in rates.items()}
+    summary = lambda r: {"median": statistics.median(r), "min": min(r), "max": max(r), "n": len(r)}  # noqa: E731
+    model = rates.pop("model", None)
+    per_size = {int(n): summary(r) for n, r in rates.items()}
     best = max(per_size, key=lambda n: per_size[n]["max"])
-    return {"benchmark": "mfu", "kind": "matmul_peak", "dtype": dtype, "threads": threads,
-            "peak_gflops": per_size[best]["max"], "gflops": per_size[best], "best_size": best,
-            "per_size_gflops": per_size}
+    row = {"benchmark": "mfu", "kind": "matmul_peak", "dtype": dtype, "threads": threads,
+           "peak_gflops": per_size[best]["max"], "gflops": per_size[best], "best_size": best,
+           "per_size_gflops": per_size}
+    if model:
+        row["model_gemm_gflops"] = summary(model)
+        row["model_gemm_shapes"] = model_shapes
+    return row
 
 
 def matmul_params(cfg) -> int:
@@ -110,9 +138,12 @@ def run(quick: bool = False, train_rows: list[dict] | None = None) -> list[dict]
     model_dir = ensure_smollm2()
     cfg = get_family("llama-hf").read_config(model_dir, None)
     threads = machine_threads()
-    peaks = {dtype: measure_peak(dtype, threads, quick) for dtype in ("float32", "bfloat16")}
+    batch, seq, steps = (2, 256, 2) if quick else (4, 512, 3)
+    if train_rows:
+        batch, seq = train_rows[0]["batch"], train_rows[0]["seq"]
+    shapes = model_gemm_shapes(cfg, batch * seq)
+    peaks = {dtype: measure_peak(dtype, threads, quick, shapes) for dtype in ("float32", "bfloat16")}
     if train_rows is None:
-        batch, seq, steps = (2, 256, 2) if quick else (4, 512, 3)
         train_rows = [train_step.measure(impl, 1, dtype, model_dir, batch, seq, steps)
                       for dtype in ("float32", "bfloat16") for impl in ("ours", "hf")]
     return list(peaks.values()) + mfu_rows(train_rows, peaks, cfg)
@@ -125,6 +156,10 @@ def format_table(rows: list[dict]) -> str:
             g = r["gflops"]
             lines.append(f"matmul peak {r['dtype']:<9} {r['threads']} threads, n={r['best_size']}: "
                          f"{r['peak_gflops']:.1f} GFLOP/s (median {g['median']:.1f}, min {g['min']:.1f})")
+            if "model_gemm_gflops" in r:
+                m = r["model_gemm_gflops"]
+                lines.append(f"  the training step's own GEMM shapes ({r['model_gemm_shapes'][0][0]} tokens): "
+                             f"{m['median']:.1f} GFLOP/s ({m['min']:.1f}-{m['max']:.1f})")
     lines.append(f"{'impl':<13}{'MP':>3} {'dtype':<9}{'GFLOP/step':>11}{'achieved GFLOP/s':>18}{'peak':>8}{'MFU':>7}")
     for r in rows:
         if r["kind"] == "train_step":
@@ -139,8 +174,7 @@ def main() -> None:
     p.add_argument("--gemm_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.gemm_worker:
-        dtype, threads, sizes, repeats = json.loads(args.gemm_worker)
-        print("RESULT " + json.dumps(gemm_worker(dtype, threads, sizes, repeats)), flush=True)
+        print("RESULT " + json.dumps(gemm_worker(*json.loads(args.gemm_worker))), flush=True)
         return
     print(format_table(run(args.quick)))
 

@@ -191,6 +191,11 @@ def summarize_mfu(rows):
             g = r["gflops"]
             out.append(line("mfu", f"matmul peak {r['dtype']} ({r['threads']} threads, n={r['best_size']})",
                             "GFLOP/s (best [min-median])", stat(r["peak_gflops"], g["min"], g["median"])))
+            if "model_gemm_gflops" in r:
+                m = r["model_gemm_gflops"]
+                out.append(line("mfu", f"the train step's GEMM shapes {r['dtype']} ({r['model_gemm_shapes'][0][0]} "
+                                       "tokens)", "GFLOP/s", m, None, "", m["median"] / r["peak_gflops"],
+                                "of peak"))
     hf = {(r["dtype"], r["mp"]): r for r in rows if r["kind"] == "train_step" and r["impl"] == "transformers"}
     for r in rows:
         if r["kind"] != "train_step" or r["impl"] != "llama_rlhf":
@@ -293,7 +298,8 @@ def summary_table(results: dict) -> list[dict]:
 def ratio_text(row) -> str:
     if row["ratio"] is None:
         return ""
-    word = {"faster": "x faster", "memory": "x memory", "of minimum": "x minimum"}.get(row["ratio_kind"], "x")
+    word = {"faster": "x faster", "memory": "x memory", "of minimum": "x minimum",
+            "of peak": "x peak"}.get(row["ratio_kind"], "x")
     return f"{row['ratio']:.2f}{word}"
 
 
@@ -384,14 +390,16 @@ def plot(results: dict, path: str) -> str | None:
 
     labels, tps, rss = [], [], []
     for r in train:
-        labels.append(f"{'HF' if r['impl'] == 'transformers' else 'ours'}\n{r['dtype'][:4]} MP{r['mp']}")
+        short = {"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"])
+        labels.append(f"{'HF' if r['impl'] == 'transformers' else 'ours'}\n{short} MP{r['mp']}")
         tps.append(r["tokens_per_s"])
         rss.append(r["peak_rss_mb_per_rank"])
     colors = ["tab:gray" if lab.startswith("HF") else "tab:blue" for lab in labels]
     ax_tp.bar(range(len(labels)), tps, color=colors)
     ax_tp.set_xticks(range(len(labels)), labels, fontsize=8)
     ax_tp.set_ylabel("tokens/s")
-    ax_tp.set_title("train step throughput by layout (SmolLM2-135M)")
+    ax_tp.set_title("train step throughput by layout (SmolLM2-135M"
+                    + (f", {train[0]['batch']}x{train[0]['seq']} tokens)" if train else ")"))
 
     mem_labels = [lab for lab in labels] + [f"load {'HF' if r['impl'] == 'transformers' else 'ours'}\nMP{r['mp']}"
                                             for r in load]
@@ -400,7 +408,7 @@ def plot(results: dict, path: str) -> str | None:
     ax_mem.bar(range(len(mem_labels)), mem_values, color=mem_colors)
     ax_mem.set_xticks(range(len(mem_labels)), mem_labels, fontsize=7)
     ax_mem.set_ylabel("peak RSS MB per rank")
-    ax_mem.set_title("peak memory per rank: train step (blue) and load (orange); HF grey")
+    ax_mem.set_title("peak RSS per rank: train step (blue), load (orange), HF (grey)")
 
     for sp in sorted({r["sp"] for r in ring}):
         points = sorted((r["seq_len_tokens"], r) for r in ring if r["sp"] == sp)

@@ -104,8 +104,13 @@ def test_flop_formula_counts_every_matmul_weight():
 
 
 def test_gemm_worker_reports_positive_rates():
-    rates = mfu.gemm_worker("float32", 1, [32, 64], 2)
-    assert sorted(rates) == [32, 64] and all(len(r) == 2 and min(r) > 0 for r in rates.values())
+    rates = mfu.gemm_worker("float32", 1, [32, 64], 2, [[8, 16, 32], [8, 32, 16]])
+    assert list(rates) == [32, 64, "model"] and all(len(r) == 2 and min(r) > 0 for r in rates.values())
+    shapes = mfu.model_gemm_shapes(comm.tiny_config(3), 10)
+    assert shapes == [[10, 64, 64], [10, 64, 32], [10, 64, 32], [10, 64, 64], [10, 64, 128], [10, 64, 128],
+                      [10, 128, 64], [10, 64, 128]]
+    # one layer's GEMMs plus the head: 2 x tokens x (that layer's matmul params + the head's)
+    assert sum(m * k * n for m, k, n in shapes) == 10 * (36864 + 8192)
 
 
 def test_mp_refusal_names_the_numbers(smollm2_dir):
@@ -140,7 +145,8 @@ def fake_results() -> dict:
               "reason": "num_attention_heads 9 is not divisible by --model_parallel_size 2"}]
     s = lambda m: {"median": m, "min": m * 0.9, "max": m * 1.1, "n": 3}  # noqa: E731
     peak = {"benchmark": "mfu", "kind": "matmul_peak", "dtype": "float32", "threads": 2, "peak_gflops": 200.0,
-            "gflops": s(180.0), "best_size": 2048, "per_size_gflops": {2048: s(180.0)}}
+            "gflops": s(180.0), "best_size": 2048, "per_size_gflops": {2048: s(180.0)},
+            "model_gemm_gflops": s(150.0), "model_gemm_shapes": [[512, 64, 64]]}
     mfu_rows = [peak] + [{"benchmark": "mfu", "kind": "train_step", "impl": impl, "mp": 1, "dtype": "float32",
                           "batch": 2, "seq": 256, "model_gflop_per_step": 400.0, "achieved_gflops": g,
                           "achieved_gflops_range": [g * 0.9, g * 1.1], "peak_gflops": 200.0, "mfu": g / 200.0,
@@ -217,7 +223,7 @@ def test_results_writer(tmp_path):
     md = open(paths["md"], encoding="utf-8").read()
     for needle in ("| benchmark | configuration | metric | llama_rlhf | competitor | vs competitor |",
                    "## Targets (issue 9)", "**GRPO step**", "**missed**", "error: RuntimeError: boom",
-                   "machine-x.png", "2.00x faster", "512 [427-569]"):
+                   "machine-x.png", "2.00x faster", "512 [427-569]", "0.75x peak"):
         assert needle in md, needle
     text = run.table_text(run.summary_table(results))
     assert text.splitlines()[0].startswith("benchmark") and "1.60x faster" in text
