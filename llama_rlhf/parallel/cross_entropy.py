@@ -19,39 +19,55 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
+def _row_chunks(n_rows: int, n_cols: int, elements: int = 2**22):
+    """Row slices of a [n_rows, n_cols] tensor holding about ``elements`` entries each (cache-sized work)."""
+    step = max(1, elements // max(n_cols, 1))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """fwd: per-token -log softmax(logits)[target] (all-reduce MAX, then SUM of sum-exp and target logit over MP);
-    bwd: (softmax - onehot) * grad on the local vocab slice, no communication."""
+    """fwd: per-token logsumexp(logits) - logits[target] (all-reduce MAX of the row max, then SUM of sum-exp and
+    target logit over MP); bwd: (softmax - onehot) * grad on the local vocab slice, no communication.
+
+    Only the logits (already alive) and one log-sum-exp per row are kept: no [N, V] softmax copy is made in
+    forward, and backward recomputes the softmax in row chunks straight into the gradient.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index):
-        n_local = logits.shape[-1]
+        n_rows, n_local = logits.shape  # [N, V/mp], any float dtype; reductions in at least fp32
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         vocab_start = group_rank(group) * n_local
-        x = upcast(logits)  # [N, V/mp], at least fp32
-        row_max = all_reduce(x.max(dim=-1).values, group, op=dist.ReduceOp.MAX)
-        x = x - row_max.unsqueeze(-1)
+        chunks = _row_chunks(n_rows, n_local)
+        row_max = torch.empty(n_rows, dtype=acc, device=logits.device)
+        for c in chunks:
+            row_max[c] = logits[c].max(dim=-1).values.to(acc)
+        row_max = all_reduce(row_max, group, op=dist.ReduceOp.MAX)
+        sum_exp = torch.empty(n_rows, dtype=acc, device=logits.device)
+        for c in chunks:
+            sum_exp[c] = (logits[c].to(acc) - row_max[c].unsqueeze(-1)).exp_().sum(dim=-1)
         valid = target != ignore_index
         local_target = target - vocab_start
         mine = valid & (local_target >= 0) & (local_target < n_local)
         local_target = local_target.clamp(0, n_local - 1)
-        target_logit = torch.where(mine, x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1), 0.0)
-        x = x.exp_()
-        sums = all_reduce(torch.stack([x.sum(dim=-1), target_logit]), group)  # [2, N]
-        sum_exp, target_logit = sums[0], sums[1]
-        loss = (torch.log(sum_exp) - target_logit) * valid
-        x.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
-        ctx.save_for_backward(x, local_target, mine, valid)
-        ctx.input_dtype = logits.dtype
+        target_logit = torch.where(mine, logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).to(acc), 0.0)
+        sums = all_reduce(torch.stack([sum_exp, target_logit]), group)  # [2, N]
+        lse = torch.log(sums[0]) + row_max
+        loss = (lse - sums[1]) * valid
+        ctx.save_for_backward(logits, lse, local_target, mine, valid)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, mine, valid = ctx.saved_tensors
-        grad = softmax  # reused in place: backward runs once
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_target] -= mine.to(grad.dtype)
-        grad.mul_((grad_loss * valid).unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None
+        logits, lse, local_target, mine, valid = ctx.saved_tensors
+        scale = (grad_loss * valid).to(lse.dtype)
+        grad = torch.empty_like(logits)
+        for c in _row_chunks(*logits.shape):
+            p = (logits[c].to(lse.dtype) - lse[c].unsqueeze(-1)).exp_()  # softmax rows
+            rows = torch.arange(p.shape[0], device=p.device)
+            p[rows, local_target[c]] -= mine[c].to(p.dtype)
+            grad[c] = p.mul_(scale[c].unsqueeze(-1))
+        return grad, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group,

@@ -85,10 +85,11 @@ def global_grad_norm(params, ps: ParallelState) -> float:
 
     Call after GradientSync: DP x SP ranks then hold identical gradients, so only MP is summed over.
     """
-    total = torch.zeros((), dtype=torch.float64, device=ps.device)
-    for p in params:
-        if p.grad is not None:
-            total += p.grad.detach().double().pow(2).sum() / p.shard.copies
+    with_grad = [p for p in params if p.grad is not None]
+    norms = torch._foreach_norm([p.grad.detach() for p in with_grad]) if with_grad else []  # one pass each
+    copies = torch.tensor([p.shard.copies for p in with_grad], dtype=torch.float64, device=ps.device)
+    squares = torch.stack([n.double() for n in norms]).pow(2) if norms else copies
+    total = (squares / copies).sum() if norms else torch.zeros((), dtype=torch.float64, device=ps.device)
     if group_size(ps.mp_group) > 1:
         dist.all_reduce(total, group=ps.mp_group)
     return math.sqrt(total.item())
@@ -100,8 +101,5 @@ def clip_grad_norm(params, max_norm: float, ps: ParallelState) -> float:
     params = list(params)
     norm = global_grad_norm(params, ps)
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (norm + 1e-6))
     return norm
