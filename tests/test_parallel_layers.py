@@ -181,6 +181,12 @@ def check_vocab_parallel_cross_entropy():
         grad_ref, _ = vocab_slice(full.grad, ps, vocab)
         grad_ref = grad_ref.masked_fill(torch.isinf(grad_ref), 0.0)
         close(local.grad, grad_ref, "cross-entropy logits grad")
+        # overwrite_logits: the same gradient, written over an intermediate's storage
+        source = local.detach().clone().requires_grad_()
+        intermediate = source * 1.0
+        (vocab_parallel_cross_entropy(intermediate, target, ps.mp_group, overwrite_logits=True) * up).sum().backward()
+        close(source.grad, grad_ref, "cross-entropy logits grad, overwrite_logits")
+        close(intermediate.detach(), grad_ref, "overwritten logits hold the gradient")
         # mean over non-ignored tokens of the whole batch
         local.grad = None
         mean = mean_over_tokens(vocab_parallel_cross_entropy(local, target, ps.mp_group), target, None)

@@ -79,9 +79,9 @@ def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
                                window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
     if q.shape[1] == 1 and mask is not None and softcap is None and n_rep > 1:
         return decode_attention(q, k, v, scale, mask)
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if softcap is not None:
-        return softcapped_attention(q, k, v, mask, scale, softcap)
+        return softcapped_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap)
+    # KV heads are shared by their query group inside SDPA (no repeated copy of K and V)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, is_causal=mask is None, scale=scale)
+                                         attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=n_rep > 1)
     return out.transpose(1, 2)  # [B, H, Sq, D] -> [B, Sq, H, D]

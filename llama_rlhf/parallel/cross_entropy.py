@@ -30,11 +30,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     target logit over MP); bwd: (softmax - onehot) * grad on the local vocab slice, no communication.
 
     Only the logits (already alive) and one log-sum-exp per row are kept: no [N, V] softmax copy is made in
-    forward, and backward recomputes the softmax in row chunks straight into the gradient.
+    forward, and backward recomputes the softmax in row chunks straight into the gradient. With
+    ``overwrite_logits`` (callers whose logits die with this loss) the gradient is written over the logits
+    chunk by chunk instead of into a fresh [N, V] buffer, which costs a page-faulted pass over memory; any
+    other autograd node that saved the same logits then fails its version check loudly, never silently.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, group, ignore_index):
+    def forward(ctx, logits, target, group, ignore_index, overwrite_logits):
         n_rows, n_local = logits.shape  # [N, V/mp], any float dtype; reductions in at least fp32
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         vocab_start = group_rank(group) * n_local
@@ -44,8 +47,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             row_max[c] = logits[c].max(dim=-1).values.to(acc)
         row_max = all_reduce(row_max, group, op=dist.ReduceOp.MAX)
         sum_exp = torch.empty(n_rows, dtype=acc, device=logits.device)
+        # one reused chunk buffer: a fresh large temporary per chunk would be page-faulted in every time
+        buffer = torch.empty(chunks[0].stop - chunks[0].start, n_local, dtype=acc, device=logits.device)
         for c in chunks:
-            sum_exp[c] = (logits[c].to(acc) - row_max[c].unsqueeze(-1)).exp_().sum(dim=-1)
+            shifted = buffer[: c.stop - c.start]
+            torch.sub(logits[c], row_max[c].unsqueeze(-1), out=shifted)
+            sum_exp[c] = shifted.exp_().sum(dim=-1)
         valid = target != ignore_index
         local_target = target - vocab_start
         mine = valid & (local_target >= 0) & (local_target < n_local)
@@ -55,36 +62,45 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lse = torch.log(sums[0]) + row_max
         loss = (lse - sums[1]) * valid
         ctx.save_for_backward(logits, lse, local_target, mine, valid)
+        ctx.overwrite_logits = overwrite_logits
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, local_target, mine, valid = ctx.saved_tensors
         scale = (grad_loss * valid).to(lse.dtype)
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
+        same_dtype = logits.dtype == lse.dtype
         for c in _row_chunks(*logits.shape):
-            p = (logits[c].to(lse.dtype) - lse[c].unsqueeze(-1)).exp_()  # softmax rows
+            # softmax rows, computed straight into the gradient when it has the reduction dtype
+            p = torch.sub(logits[c], lse[c].unsqueeze(-1), out=grad[c]) if same_dtype else \
+                logits[c].to(lse.dtype) - lse[c].unsqueeze(-1)
+            p.exp_()
             rows = torch.arange(p.shape[0], device=p.device)
             p[rows, local_target[c]] -= mine[c].to(p.dtype)
-            grad[c] = p.mul_(scale[c].unsqueeze(-1))
-        return grad, None, None, None
+            p.mul_(scale[c].unsqueeze(-1))
+            if not same_dtype:
+                grad[c] = p
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                                 ignore_index: int = IGNORE_INDEX, overwrite_logits: bool = False) -> torch.Tensor:
     """Per-token cross-entropy (fp32) from vocab-parallel logits; 0 where target == ignore_index.
 
     logits: [..., V/mp] (this rank's vocab slice; padded vocab entries must be -inf), target: [...] global ids.
+    overwrite_logits: backward writes the logits' gradient over the logits (for logits nothing reads later).
     """
     shape = target.shape
     loss = _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                            group, ignore_index)
+                                            group, ignore_index, overwrite_logits)
     return loss.view(shape)
 
 
-def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, group) -> torch.Tensor:
+def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, group,
+                             overwrite_logits: bool = False) -> torch.Tensor:
     """log p(target) per token (fp32) from vocab-parallel logits: [..., V/mp], [...] -> [...]."""
-    return -vocab_parallel_cross_entropy(logits, target, group, ignore_index=IGNORE_INDEX)
+    return -vocab_parallel_cross_entropy(logits, target, group, IGNORE_INDEX, overwrite_logits)
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, group) -> torch.Tensor:

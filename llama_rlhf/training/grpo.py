@@ -120,8 +120,8 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
         logits = model(batch["input_ids"], position_ids=batch["position_ids"])  # [B, S, V/mp]
     logits = logits.float() / temperature if temperature > 0 else logits.float()
     labels = batch["labels"]
-    logp = vocab_parallel_log_probs(logits, labels, ps.mp_group)
     entropy = vocab_parallel_entropy(logits, ps.mp_group) if with_entropy else None
+    logp = vocab_parallel_log_probs(logits, labels, ps.mp_group, overwrite_logits=True)  # logits die here
     return logp, entropy
 
 

@@ -46,7 +46,7 @@ def forward_loss_sum(model, batch: dict, ps, compute_dtype, packing: bool) -> to
     with autocast(compute_dtype, ps.device):
         logits = model(batch["input_ids"], position_ids=batch["position_ids"],
                        segment_ids=batch["segment_ids"] if packing else None)  # [B, S, V/mp]
-    return vocab_parallel_cross_entropy(logits, batch["labels"], ps.mp_group).sum()
+    return vocab_parallel_cross_entropy(logits, batch["labels"], ps.mp_group, overwrite_logits=True).sum()
 
 
 @dataclass
