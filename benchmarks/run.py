@@ -178,6 +178,12 @@ def summarize_train_step(rows):
         ref_rate = rate(tokens, stat(ref["step_s_median"], ref["step_s_min"], ref["step_s_max"])) if ref else None
         out.append(line("train_step", config, "tokens/s", rate(tokens, times), ref_rate, "transformers+AdamW",
                         r.get("speedup_vs_transformers"), "faster", 0))
+        same = r.get("transformers_same_malloc")
+        if same:
+            same_rate = rate(tokens, stat(same["step_s_median"], same["step_s_min"], same["step_s_max"]))
+            out.append(line("train_step", config, "tokens/s", rate(tokens, times), same_rate,
+                            "transformers+AdamW, our malloc settings", r["speedup_vs_transformers_same_malloc"],
+                            "faster", 0))
         out.append(line("train_step", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"],
                         ref["peak_rss_mb_per_rank"] if ref else None, "transformers+AdamW",
                         r.get("rss_ratio_vs_transformers"), "memory", 0))

@@ -4,7 +4,8 @@ By default glibc serves every large block (activations, logits, gradients) with 
 back with ``munmap`` when freed, so each training step page-faults its whole working set in again; on a
 2-core VM that is about a sixth of a SmolLM2 step. With mmap disabled and trimming off, freed blocks are reused
 from the heap (the advice Intel gives for PyTorch on CPU, usually via tcmalloc or jemalloc). The resident set
-then stays at its high-water mark. LLAMA_RLHF_MALLOC_TUNING=0 leaves glibc's defaults alone.
+then stays at its high-water mark, so the training loops switch it on only once the model is loaded (the
+load's freed temporaries would otherwise stay resident). LLAMA_RLHF_MALLOC_TUNING=0 leaves glibc's defaults.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ _M_MMAP_MAX = -4
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Turn off glibc's mmap for large blocks and heap trimming, once per process; True when applied."""
+def keep_freed_memory(device) -> bool:
+    """On the CPU, turn off glibc's mmap for large blocks and heap trimming, once per process; True when applied."""
     global _applied
-    if _applied or os.environ.get("LLAMA_RLHF_MALLOC_TUNING", "1") == "0":
+    if _applied or device.type != "cpu" or os.environ.get("LLAMA_RLHF_MALLOC_TUNING", "1") == "0":
         return _applied
     name = ctypes.util.find_library("c")
     if name is None:

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .cpu_allocator import keep_freed_memory
-
 
 class LayoutError(ValueError):
     """An impossible parallel layout (raised identically on every rank, before any collective)."""
@@ -134,7 +132,7 @@ def pick_device(local_rank: int) -> torch.device:
     """CUDA device ``local_rank`` when a GPU is present, else the CPU; decided once at start-up.
 
     On the CPU the cores are shared out among this node's ranks (torchrun's default is one thread each);
-    LLAMA_RLHF_NUM_THREADS overrides. Freed memory is kept in the process (see cpu_allocator).
+    LLAMA_RLHF_NUM_THREADS overrides.
     """
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -143,7 +141,6 @@ def pick_device(local_rank: int) -> torch.device:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = int(os.environ.get("LLAMA_RLHF_NUM_THREADS", 0)) or max(1, cores // local_world)
     torch.set_num_threads(threads)
-    keep_freed_memory()
     return torch.device("cpu")
 
 

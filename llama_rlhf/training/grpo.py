@@ -20,6 +20,7 @@ from ..generation import generate
 from ..jsonl import DataError, read_jsonl
 from ..models.pretrained import load_pretrained
 from ..parallel.comm import all_reduce, group_size
+from ..parallel.cpu_allocator import keep_freed_memory
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab_parallel_log_probs
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
@@ -252,6 +253,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
             p.requires_grad_(False)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     sync = GradientSync(model, ps)
+    keep_freed_memory(ps.device)  # after the load: steps reuse freed memory instead of page-faulting it
     start_step = 0
     if resume_from:
         start_step = load_training_state(resume_from, model, optimizer, ps)["step"]

@@ -13,6 +13,7 @@ from ..data import StepBatches, collate, load_samples, pack
 from ..models.families import detect_model_type, get_family
 from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.comm import all_reduce
+from ..parallel.cpu_allocator import keep_freed_memory
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..runtime import UsageError, autocast, log
 from ..tokenizer import load_tokenizer
@@ -142,6 +143,7 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
     model.train()
     optimizer = make_optimizer(model, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2))
     sync = GradientSync(model, ps)
+    keep_freed_memory(ps.device)  # after the load: steps reuse freed memory instead of page-faulting it
     start_step = 0
     if resume_from:
         trainer = load_training_state(resume_from, model, optimizer, ps)
