@@ -46,10 +46,16 @@ def check_tiny_llama_parity(folders):
             assert abs(loss.item() - ref["loss"].item()) <= TOL, f"{name} MP={mp}: loss {loss.item()} vs {ref['loss']}"
             loss.backward()
             GradientSync(model, ps).reduce_model_parallel()
+            worst_grad = 0.0
             for pname, p in model.named_parameters():
                 expected = take_shard(ref["grad." + pname], p.shard)
-                d = max_diff(p.grad, expected)
-                assert d <= TOL, f"{name} MP={mp}: grad of {pname} differs by {d:.2e}"
+                d_grad = max_diff(p.grad, expected)
+                assert d_grad <= TOL, f"{name} MP={mp}: grad of {pname} differs by {d_grad:.2e}"
+                worst_grad = max(worst_grad, d_grad)
+            if torch.distributed.get_rank() == 0:  # the figures, for the test to print
+                with open(os.path.join(os.path.dirname(folder), "parity.txt"), "a") as f:
+                    f.write(f"tiny {name} MP={mp}: max |logit diff| {d:.3e}, |loss diff| "
+                            f"{abs(loss.item() - ref['loss'].item()):.3e}, max |grad diff| {worst_grad:.3e}\n")
 
 
 def count_mp_all_reduces(model, ps, ids):
@@ -109,13 +115,16 @@ TINY_CHECKS = [check_tiny_llama_parity, check_two_all_reduces_per_layer]
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    folders = write_tiny_llamas(str(tmp_path_factory.mktemp("tiny_llamas")))
-    return run_checks(4, TINY_CHECKS, folders)
+    root = str(tmp_path_factory.mktemp("tiny_llamas"))
+    folders = write_tiny_llamas(root)
+    return dict(run_checks(4, TINY_CHECKS, folders), _folder=root)
 
 
 @pytest.mark.parametrize("name", [c.__name__ for c in TINY_CHECKS])
 def test_tiny_llama(tiny_report, name):
     assert_check(tiny_report, name)
+    if name == "check_tiny_llama_parity":
+        print(open(os.path.join(tiny_report["_folder"], "parity.txt")).read())
 
 
 def test_smollm2_logits_match_transformers(smollm2_dir, smollm2_hf, tmp_path):
