@@ -27,7 +27,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # order matters: mfu reuses train_step's rows (same run), and the long ones come last
-BENCHMARKS = ("train_step", "mfu", "generate", "ring_attention", "load", "comm", "grpo_step")
+BENCHMARKS = ("train_step", "mfu", "model_size", "generate", "ring_attention", "load", "comm", "grpo_step")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,6 +190,26 @@ def summarize_train_step(rows):
     return out
 
 
+def summarize_model_size(rows):
+    out = []
+    hf = {r["hidden"]: r for r in rows if r["impl"] == "transformers"}
+    for r in rows:
+        ref = hf.get(r["hidden"])
+        if r["impl"] != "llama_rlhf" or ref is None:
+            continue
+        config = (f"random Llama {r['params_m']:.0f}M params ({r['hidden']} x {r['layers']} layers) train step "
+                  f"{r['batch']}x{r['seq']} float32 MP=1")
+        tokens = r["batch"] * r["seq"]
+        out.append(line("model_size", config, "tokens/s",
+                        rate(tokens, stat(r["step_s_median"], r["step_s_min"], r["step_s_max"])),
+                        rate(tokens, stat(ref["step_s_median"], ref["step_s_min"], ref["step_s_max"])),
+                        "transformers+AdamW", r["speedup_vs_transformers"], "faster", 0))
+        out.append(line("model_size", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"],
+                        ref["peak_rss_mb_per_rank"], "transformers+AdamW", r["rss_ratio_vs_transformers"],
+                        "memory", 0))
+    return out
+
+
 def summarize_mfu(rows):
     out = []
     for r in rows:
@@ -287,8 +307,8 @@ def summarize_grpo_step(rows):
     return out
 
 
-SUMMARIZERS = {"train_step": summarize_train_step, "mfu": summarize_mfu, "generate": summarize_generate,
-               "ring_attention": summarize_ring_attention,
+SUMMARIZERS = {"train_step": summarize_train_step, "mfu": summarize_mfu, "model_size": summarize_model_size,
+               "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
                "load": summarize_load, "comm": summarize_comm, "grpo_step": summarize_grpo_step}
 

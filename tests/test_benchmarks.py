@@ -140,7 +140,10 @@ def fake_results() -> dict:
               "peak_rss_mb_per_rank": 3000.0, "loss": 1.0},
              {"impl": "llama_rlhf", "mp": 1, "dtype": "float32", "batch": 2, "seq": 256, "step_s_median": 1.0,
               "step_s_min": 0.9, "step_s_max": 1.2, "tokens_per_s": 512, "peak_rss_mb_per_rank": 2900.0,
-              "loss": 1.0, "speedup_vs_transformers": 2.0, "rss_ratio_vs_transformers": 0.97},
+              "loss": 1.0, "speedup_vs_transformers": 2.0, "rss_ratio_vs_transformers": 0.97,
+              "transformers_same_malloc": {"tokens_per_s": 400.0, "step_s_median": 1.28, "step_s_min": 1.2,
+                                           "step_s_max": 1.4, "peak_rss_mb_per_rank": 3100.0},
+              "speedup_vs_transformers_same_malloc": 1.25},
              {"impl": "llama_rlhf", "mp": 2, "dtype": "float32", "batch": 2, "seq": 256, "status": "refused",
               "reason": "num_attention_heads 9 is not divisible by --model_parallel_size 2"}]
     s = lambda m: {"median": m, "min": m * 0.9, "max": m * 1.1, "n": 3}  # noqa: E731
@@ -178,9 +181,13 @@ def fake_results() -> dict:
              "llama_rlhf_step_s": s(5.0), "trl_step_s": s(8.0), "llama_rlhf_rollout_s": s(1.0),
              "trl_rollout_s": s(2.0), "llama_rlhf_completion_len": 22.0, "trl_completion_len": 23.0,
              "speedup_vs_trl": 1.6}]
+    size = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 704, "params_m": 17.6}
+    model_size = [dict(train[0], **size),
+                  dict(train[1], **size, speedup_vs_transformers=1.9, rss_ratio_vs_transformers=0.9)]
     entry = lambda rows: {"rows": rows, "seconds": 1.0, "load_before": [0.5, 0.5, 0.5],  # noqa: E731
                           "load_after": [0.6, 0.5, 0.5]}
-    return {"train_step": entry(train), "mfu": entry(mfu_rows), "generate": entry(generate),
+    return {"train_step": entry(train), "mfu": entry(mfu_rows), "model_size": entry(model_size),
+            "generate": entry(generate),
             "ring_attention": entry(ring), "ring_attention_sweep": entry(sweep), "load": entry(load_rows),
             "comm": entry(comm_rows), "grpo_step": entry(grpo),
             "broken": {"rows": [], "seconds": 0.1, "load_before": [0, 0, 0], "load_after": [0, 0, 0],
@@ -213,9 +220,13 @@ def test_results_writer(tmp_path):
     assert len(data["targets"]) == 5 and set(data["benchmarks"]) == set(results)
     table = data["table"]
     by = lambda bench, metric: [r for r in table if r["benchmark"] == bench and r["metric"] == metric]  # noqa: E731
-    (train_tps,) = [r for r in by("train_step", "tokens/s") if r["ours"] != "refused"]
+    train_tps, same_malloc = [r for r in by("train_step", "tokens/s") if r["ours"] != "refused"]
     assert train_tps["ours"] == {"median": 512.0, "min": 512 / 1.2, "max": 512 / 0.9}
     assert train_tps["competitor"]["median"] == 256.0 and train_tps["ratio"] == 2.0
+    assert same_malloc["competitor"]["median"] == 512 / 1.28 and same_malloc["ratio"] == 1.25
+    assert "malloc" in same_malloc["competitor_name"]
+    (size_tps,) = by("model_size", "tokens/s")
+    assert size_tps["ratio"] == 1.9 and "18M params (256 x 4 layers)" in size_tps["configuration"]
     assert any(r["ours"] == "refused" and "9" in r["configuration"] for r in by("train_step", "tokens/s"))
     (grpo,) = by("grpo_step", "step s")
     assert grpo["ratio"] == 1.6 and grpo["ratio_kind"] == "faster"
