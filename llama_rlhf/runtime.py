@@ -73,8 +73,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def autocast(dtype: torch.dtype, device: torch.device):
-    """Mixed-precision compute in ``dtype`` (fp32 master weights stay fp32); a no-op for float32."""
-    if dtype == torch.float32:
+    """Mixed-precision compute in ``dtype`` (fp32 master weights stay fp32); a no-op for 32- and 64-bit types."""
+    if dtype.itemsize >= 4:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -206,3 +206,44 @@ def test_activation_checkpointing_changes_nothing_but_memory(tiny_model, small_d
         results.append((r.loss, {n: p.detach().clone() for n, p in model.named_parameters()}))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+def test_lm_head_only_on_trained_positions_changes_nothing():
+    """forward_loss_sum runs the LM head only where a label is trained (not on prompt or padding positions):
+    its loss and every gradient equal plain cross-entropy over the full logits."""
+    import torch.nn.functional as F
+
+    from llama_rlhf.data import Row, collate
+    from llama_rlhf.models.config import ModelConfig
+    from llama_rlhf.models.init import init_weights
+    from llama_rlhf.models.pretrained import build_model
+    from llama_rlhf.training.sft import forward_loss_sum
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = ModelConfig("llama-hf", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5,
+                          max_position_embeddings=64)
+        ps = single_process_state()
+        model = build_model(cfg, ps, torch.float64)
+        init_weights(model, seed=3)
+        g = torch.Generator().manual_seed(0)
+        rows = []
+        for n, prompt in ((12, 5), (9, 7), (7, 0)):  # prompts of different lengths (masked), padding after row 2, 3
+            ids = torch.randint(0, 96, (n,), generator=g).tolist()
+            labels = [-100] * prompt + ids[prompt + 1:] + [-100]
+            rows.append(Row(ids, labels, list(range(n)), [0] * n))
+        batch = collate(rows, pad_id=0)
+        assert (batch["labels"] == -100).sum() > 10
+        loss = forward_loss_sum(model, batch, ps, torch.float64, packing=False)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"])[..., :cfg.vocab_size]
+        reference = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch["labels"].reshape(-1),
+                                    ignore_index=-100, reduction="sum")
+        reference.backward()
+        assert abs(loss.item() - reference.item()) <= 1e-10 * abs(reference.item())
+        for name, p in model.named_parameters():
+            assert torch.allclose(grads[name], p.grad, rtol=0, atol=1e-12), name
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -48,7 +48,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         row_max = all_reduce(row_max, group, op=dist.ReduceOp.MAX)
         sum_exp = torch.empty(n_rows, dtype=acc, device=logits.device)
         # one reused chunk buffer: a fresh large temporary per chunk would be page-faulted in every time
-        buffer = torch.empty(chunks[0].stop - chunks[0].start, n_local, dtype=acc, device=logits.device)
+        buffer = torch.empty(chunks[0].stop if chunks else 0, n_local, dtype=acc, device=logits.device)
         for c in chunks:
             shifted = buffer[: c.stop - c.start]
             torch.sub(logits[c], row_max[c].unsqueeze(-1), out=shifted)

@@ -116,13 +116,20 @@ def local_part(batch: dict, ps) -> dict:
 
 
 def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False):
-    """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]."""
-    with autocast(compute_dtype, ps.device):
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"])  # [B, S, V/mp]
-    logits = logits.float() / temperature if temperature > 0 else logits.float()
+    """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]
+    (0 where the label is ignored). The LM head runs only on positions with a label (the completions)."""
     labels = batch["labels"]
-    entropy = vocab_parallel_entropy(logits, ps.mp_group) if with_entropy else None
-    logp = vocab_parallel_log_probs(logits, labels, ps.mp_group, overwrite_logits=True)  # logits die here
+    scored = labels != IGNORE_INDEX  # [B, S]; the same on every MP rank
+    with autocast(compute_dtype, ps.device):
+        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], hidden_only=True)  # [B, S, h]
+        logits = model.logits(hidden[scored])  # [N, V/mp], N = scored positions
+    logits = logits.float() / temperature if temperature > 0 else logits.float()
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        entropy[scored] = vocab_parallel_entropy(logits, ps.mp_group)
+    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    logp[scored] = vocab_parallel_log_probs(logits, labels[scored], ps.mp_group, overwrite_logits=True)  # logits die
     return logp, entropy
 
 

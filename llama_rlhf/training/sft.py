@@ -14,7 +14,7 @@ from ..models.families import detect_model_type, get_family
 from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.comm import all_reduce
 from ..parallel.cpu_allocator import keep_freed_memory
-from ..parallel.cross_entropy import vocab_parallel_cross_entropy
+from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..runtime import UsageError, autocast, log
 from ..tokenizer import load_tokenizer
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
@@ -42,12 +42,15 @@ def sequence_batch(batch: dict, ps) -> dict:
 
 
 def forward_loss_sum(model, batch: dict, ps, compute_dtype, packing: bool) -> torch.Tensor:
-    """Sum of per-token cross-entropy over this rank's tokens (fp32 scalar, differentiable)."""
+    """Sum of per-token cross-entropy over this rank's tokens (fp32 scalar, differentiable). The LM head, the
+    largest matmul per token, runs only on positions whose label is trained (not on prompts or padding)."""
     batch = {k: v.to(ps.device) for k, v in sequence_batch(batch, ps).items()}
+    trained = batch["labels"] != IGNORE_INDEX  # [B, S]; the same on every MP rank
     with autocast(compute_dtype, ps.device):
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"],
-                       segment_ids=batch["segment_ids"] if packing else None)  # [B, S, V/mp]
-    return vocab_parallel_cross_entropy(logits, batch["labels"], ps.mp_group, overwrite_logits=True).sum()
+        hidden = model(batch["input_ids"], position_ids=batch["position_ids"],
+                       segment_ids=batch["segment_ids"] if packing else None, hidden_only=True)  # [B, S, h]
+        logits = model.logits(hidden[trained])  # [N, V/mp], N = trained positions
+    return vocab_parallel_cross_entropy(logits, batch["labels"][trained], ps.mp_group, overwrite_logits=True).sum()
 
 
 @dataclass
