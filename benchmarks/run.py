@@ -7,7 +7,7 @@ turn (a failing one is recorded and the rest still run), adds a sequence-length 
 the plot, pairs every figure of ours with the competitor's figure from the same run, and checks the targets of
 issue 9. Figures are medians of several runs with [min-max]; the load average is recorded around every
 benchmark (the machine may be shared). ``--quick`` writes ``<machine>-quick.*``, ``--only`` writes
-``<machine>-partial.*``, so neither overwrites the full results.
+``<machine>-<names>.*`` (e.g. ``<machine>-model_size.md``), so neither overwrites the full results.
 """
 from __future__ import annotations
 
@@ -512,7 +512,8 @@ def main(argv=None) -> None:
         if unknown:
             p.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(SUMMARIZERS)}")
     facts = machine_facts()
-    stem = (args.machine or machine_name(facts)) + ("-partial" if args.only else "-quick" if args.quick else "")
+    stem = ((args.machine or machine_name(facts)) + ("-" + "-".join(names) if args.only else "")
+            + ("-quick" if args.quick else ""))
     meta = {"quick": args.quick, "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "load_before": load_average()}
     start = time.perf_counter()
