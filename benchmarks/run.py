@@ -162,6 +162,11 @@ def rate(amount: float, seconds: dict) -> dict:
     return stat(amount / seconds["median"], amount / seconds["max"], amount / seconds["min"])
 
 
+def step_rate(step: dict, tokens: int) -> dict:
+    """tokens/s (median and range) of a row with step_s_median / step_s_min / step_s_max."""
+    return rate(tokens, stat(step["step_s_median"], step["step_s_min"], step["step_s_max"]))
+
+
 def summarize_train_step(rows):
     out = []
     hf = {r["dtype"]: r for r in rows if r["impl"] == "transformers"}
@@ -173,15 +178,13 @@ def summarize_train_step(rows):
             out.append(line("train_step", f"{config} ({r['reason']})", "tokens/s", "refused"))
             continue
         tokens = r["batch"] * r["seq"]
-        times = stat(r["step_s_median"], r["step_s_min"], r["step_s_max"])
+        ours = step_rate(r, tokens)
         ref = hf.get(r["dtype"])
-        ref_rate = rate(tokens, stat(ref["step_s_median"], ref["step_s_min"], ref["step_s_max"])) if ref else None
-        out.append(line("train_step", config, "tokens/s", rate(tokens, times), ref_rate, "transformers+AdamW",
-                        r.get("speedup_vs_transformers"), "faster", 0))
+        out.append(line("train_step", config, "tokens/s", ours, step_rate(ref, tokens) if ref else None,
+                        "transformers+AdamW", r.get("speedup_vs_transformers"), "faster", 0))
         same = r.get("transformers_same_malloc")
         if same:
-            same_rate = rate(tokens, stat(same["step_s_median"], same["step_s_min"], same["step_s_max"]))
-            out.append(line("train_step", config, "tokens/s", rate(tokens, times), same_rate,
+            out.append(line("train_step", config, "tokens/s", ours, step_rate(same, tokens),
                             "transformers+AdamW, our malloc settings", r["speedup_vs_transformers_same_malloc"],
                             "faster", 0))
         out.append(line("train_step", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"],
@@ -200,9 +203,7 @@ def summarize_model_size(rows):
         config = (f"random Llama {r['params_m']:.0f}M params ({r['hidden']} x {r['layers']} layers) train step "
                   f"{r['batch']}x{r['seq']} float32 MP=1")
         tokens = r["batch"] * r["seq"]
-        out.append(line("model_size", config, "tokens/s",
-                        rate(tokens, stat(r["step_s_median"], r["step_s_min"], r["step_s_max"])),
-                        rate(tokens, stat(ref["step_s_median"], ref["step_s_min"], ref["step_s_max"])),
+        out.append(line("model_size", config, "tokens/s", step_rate(r, tokens), step_rate(ref, tokens),
                         "transformers+AdamW", r["speedup_vs_transformers"], "faster", 0))
         out.append(line("model_size", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"],
                         ref["peak_rss_mb_per_rank"], "transformers+AdamW", r["rss_ratio_vs_transformers"],
