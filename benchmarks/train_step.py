@@ -63,15 +63,13 @@ def worker_ours(model_dir, dtype_name, batch, seq, steps):
     from llama_rlhf.models.pretrained import load_pretrained
     from llama_rlhf.parallel.cpu_allocator import keep_freed_memory
     from llama_rlhf.parallel.state import init_parallel
-    from llama_rlhf.training.grad_sync import GradientSync
-    from llama_rlhf.training.optim import make_optimizer
+    from llama_rlhf.training.distributed_optimizer import DistributedAdamW
     from llama_rlhf.training.sft import train_step
     mp = int(os.environ.get("WORLD_SIZE", "1"))
     ps = init_parallel(mp, 1)
     model = load_pretrained(model_dir, "llama-hf", ps)
     model.train()
-    opt = make_optimizer(model, 1e-5, 0.0)
-    sync = GradientSync(model, ps)
+    opt = DistributedAdamW(model, ps, stage=0, lr=1e-5)
     keep_freed_memory(ps.device)  # as the training loops do
     ids, _ = _batch(model.cfg.vocab_size, batch, seq)
     rows = [Row(r.tolist(), r[1:].tolist() + [-100], list(range(seq)), [0] * seq) for r in ids]
@@ -79,7 +77,7 @@ def worker_ours(model_dir, dtype_name, batch, seq, steps):
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        result = train_step(model, opt, sync, [rows], trained, ps, getattr(torch, dtype_name), 0, 0.0, False)
+        result = train_step(model, opt, [rows], trained, ps, getattr(torch, dtype_name), 0, 0.0, False)
         times.append(time.perf_counter() - t)
     return times[1:], result.loss
 

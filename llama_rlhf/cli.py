@@ -46,3 +46,11 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--system_prompt", default=None, help="system message added to every conversation")
     g.add_argument("--max_seq_len", type=int, default=2048, help="longest sequence (prompt + response) in tokens")
     g.add_argument("--max_batch_size", type=int, default=4, help="sequences (or prompts) per rank per step")
+
+
+def add_memory_flags(group) -> None:
+    """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype)."""
+    group.add_argument("--zero_stage", type=int, default=None, choices=(0, 1),
+                       help="0: every DP x SP rank holds the whole optimizer state; 1: fp32 masters and AdamW moments "
+                            "partitioned over DP x SP, parameters held in the compute dtype (default: 1 when "
+                            "DP x SP > 1, else 0)")

@@ -1,11 +1,13 @@
-"""Layout parity: one full training step is the same on every (MP, SP, DP) layout.
+"""Layout parity: one full training step is the same on every (MP, SP, DP) layout and zero stage.
 
 A tiny Llama (GQA, padded vocabulary) from one seed takes one step (forward on this rank's tokens, vocab-
-parallel cross-entropy averaged over the global token count, backward, gradient sync, global-norm clipping,
-AdamW) on one global batch whose length (13) is not a multiple of 2·SP. Against the single-process step:
-the same loss, the same gradient of every parameter (<= 1e-5 relative), the same gradient norm, and the same
-updated weights gathered over MP (<= 1e-5). A Gemma-2-like model (sliding window, both soft-caps, packed
-documents) checks loss and gradients under sequence parallelism.
+parallel cross-entropy averaged over the global token count, backward, gradient reduction, global-norm clipping,
+AdamW) on one global batch whose length (13) is not a multiple of 2·SP. Against the single-process step computed
+with plain torch (backward, clip_grad_norm_, torch AdamW): the same loss, the same gradient of every parameter
+(<= 1e-5 relative; stage 1: each rank's reduce-scattered range), the same gradient norm, and the same updated
+weights gathered over MP (<= 1e-5), for the distributed optimizer at stage 0 and stage 1; stage 1 equals stage 0
+within 1e-6 relative. A Gemma-2-like model (sliding window, both soft-caps, packed documents) checks loss and
+gradients under sequence parallelism. 16-bit parameters (stage 1, bf16) accumulate gradients in fp32.
 
 One gloo world of 4 runs everything: layouts over all 4 ranks (DP fills the rest, and the DP replicas take
 different rows of the batch), and layouts over two independent 2-rank worlds (ranks 0-1 and 2-3).
@@ -26,7 +28,7 @@ from llama_rlhf.parallel.cross_entropy import IGNORE_INDEX, mean_over_tokens, vo
 from llama_rlhf.parallel.layers import take_shard
 from llama_rlhf.parallel.sequence_split import split_for_sequence_parallel
 from llama_rlhf.parallel.state import ParallelState, single_process_state
-from llama_rlhf.training.grad_sync import GradientSync, clip_grad_norm
+from llama_rlhf.training.distributed_optimizer import DistributedAdamW
 from tests.distributed import assert_check, grid, run_checks
 
 TOL = 1e-5
@@ -115,24 +117,35 @@ def my_rows(batch: dict, ps) -> dict:
     return split_for_sequence_parallel(local, ps, pad_id=PAD_ID) if ps.sp_size > 1 else local
 
 
-def forward_backward(cfg: ModelConfig, ps, batch: dict, packed: bool, dtype=torch.float32):
-    """Model from SEED; loss on this rank's tokens, backward, gradient sync. -> (model, reported loss)."""
+def forward_backward(cfg: ModelConfig, ps, batch: dict, packed: bool, dtype=torch.float32, stage: int | None = 0,
+                     bucket_mb: float = 32.0):
+    """Model from SEED (with the distributed optimizer at ``stage``; None: plain backward, no optimizer); loss on
+    this rank's tokens, backward, gradient reduction. -> (model, optimizer, reported loss)."""
     model = build_model(cfg, ps, dtype)
     init_weights(model, SEED)
+    opt = None if stage is None else DistributedAdamW(model, ps, stage=stage, lr=LR, weight_decay=WEIGHT_DECAY,
+                                                      bucket_mb=bucket_mb)
     local = my_rows(batch, ps)
     logits = model(local["input_ids"], position_ids=local["position_ids"],
                    segment_ids=local["segment_ids"] if packed else None)  # [b, s_local, V_padded / MP]
     per_token = vocab_parallel_cross_entropy(logits, local["labels"], ps.mp_group)
     loss = mean_over_tokens(per_token, local["labels"], ps.dpsp_group)  # my share of the global token mean
+    if opt is not None:
+        opt.start_micro_batch(last=True)
     loss.backward()
-    GradientSync(model, ps)()
-    return model, all_reduce(loss.detach(), ps.dpsp_group).item()
+    if opt is not None:
+        opt.finish_gradients()
+    return model, opt, all_reduce(loss.detach(), ps.dpsp_group).item()
 
 
-def optimizer_step(model, ps, max_norm: float) -> float:
+def reference_update(model, max_norm: float) -> float:
+    """Plain torch on the single process: clip_grad_norm_ and AdamW with decay on matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = clip_grad_norm(params, max_norm, ps)
-    torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY).step()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if max_norm > 0 else \
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    torch.optim.AdamW(groups, lr=LR).step()
     return norm
 
 
@@ -163,11 +176,27 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reference_step(cfg, batch, packed, max_norm=None, dtype=torch.float32):
     """The single-process step: loss, full gradients, gradient norm, updated weights."""
-    ps = single_process_state()
-    model, loss = forward_backward(cfg, ps, batch, packed, dtype)
+    model, _, loss = forward_backward(cfg, single_process_state(), batch, packed, dtype, stage=None)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    norm = optimizer_step(model, ps, max_norm) if max_norm is not None else None
+    norm = reference_update(model, max_norm) if max_norm is not None else None
     return loss, grads, norm, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def check_reduced_gradients(label, model, opt, ps, ref_grads, tol) -> float:
+    """Stage 0: every parameter's whole local gradient; stage 1: the reduce-scattered range this rank owns."""
+    worst = 0.0
+    if opt.stage == 0:
+        for name, p in model.named_parameters():
+            err = rel_diff(p.grad, take_shard(ref_grads[name], p.shard))
+            assert err <= tol, f"{label}: gradient of {name} differs by {err:.2e} (relative)"
+            worst = max(worst, err)
+        return worst
+    for pc in opt.pieces:
+        full = take_shard(ref_grads[pc.name], pc.param.shard)
+        err = (pc.grad - full.reshape(-1)[pc.lo:pc.hi]).abs().max().item() / full.abs().max().clamp(min=1e-30).item()
+        assert err <= tol, f"{label}: reduce-scattered gradient of {pc.name}[{pc.lo}:{pc.hi}] differs by {err:.2e}"
+        worst = max(worst, err)
+    return worst
 
 
 def step_parity(out_dir, dtype, tol):
@@ -178,21 +207,26 @@ def step_parity(out_dir, dtype, tol):
     ref_loss, ref_grads, ref_norm, ref_weights = reference_step(cfg, batch, False, max_norm, dtype)
     worst = {}
     for label, ps in layouts():
-        model, loss = forward_backward(cfg, ps, batch, False, dtype)
-        assert abs(loss - ref_loss) <= tol * abs(ref_loss), f"{label}: loss {loss} vs single-process {ref_loss}"
-        grad_err = 0.0
-        for name, p in model.named_parameters():
-            err = rel_diff(p.grad, take_shard(ref_grads[name], p.shard))
-            assert err <= tol, f"{label}: gradient of {name} differs by {err:.2e} (relative)"
-            grad_err = max(grad_err, err)
-        norm = optimizer_step(model, ps, max_norm)
-        assert abs(norm - ref_norm) <= tol * ref_norm, f"{label}: grad norm {norm} vs {ref_norm}"
-        weight_err = 0.0
-        for name, p in model.named_parameters():
-            err = (gather_full(p, ps) - ref_weights[name]).abs().max().item()
-            assert err <= tol, f"{label}: updated {name} differs by {err:.2e}"
-            weight_err = max(weight_err, err)
-        worst[label] = {"loss": abs(loss - ref_loss), "grad_rel": grad_err, "weight": weight_err}
+        updated = {}
+        for stage, bucket_mb in ((0, 32.0), (1, 32.0), ("1, one bucket per parameter", 1e-6)):
+            model, opt, loss = forward_backward(cfg, ps, batch, False, dtype, 1 if stage != 0 else 0, bucket_mb)
+            where = f"{label} stage {stage}"
+            assert abs(loss - ref_loss) <= tol * abs(ref_loss), f"{where}: loss {loss} vs single-process {ref_loss}"
+            grad_err = check_reduced_gradients(where, model, opt, ps, ref_grads, tol)
+            if bucket_mb < 1:  # every bucket was launched from a backward hook, none waited for the step
+                assert opt.buckets.launched_during_backward == len(opt.buckets.buckets), where
+            norm, skipped = opt.step(max_norm)
+            assert not skipped and abs(norm - ref_norm) <= tol * ref_norm, f"{where}: grad norm {norm} vs {ref_norm}"
+            weight_err, updated[stage] = 0.0, {}
+            for name, p in model.named_parameters():
+                full = updated[stage][name] = gather_full(p, ps)
+                err = (full - ref_weights[name]).abs().max().item()
+                assert err <= tol, f"{where}: updated {name} differs by {err:.2e}"
+                weight_err = max(weight_err, err)
+            worst[where] = {"loss": abs(loss - ref_loss), "grad_rel": grad_err, "weight": weight_err}
+        stages = max(rel_diff(updated[k][n], updated[0][n]) for k in updated if k != 0 for n in updated[0])
+        assert stages <= max(tol / 10, 1e-12), f"{label}: stage 1 and stage 0 updates differ by {stages:.2e}"
+        worst[f"{label} stage 1 vs 0"] = {"weight_rel": stages}
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, f"step_parity_{str(dtype)[6:]}.json"), "w") as f:
             json.dump({"loss": ref_loss, "grad_norm": ref_norm, "max_norm": max_norm, "layouts": worst}, f)
@@ -216,7 +250,7 @@ def check_gemma2_like_packed_gradients(out_dir):
     worst = {}
     for mp, sp in GRAD_LAYOUTS:
         ps = grid(mp, sp)
-        model, loss = forward_backward(cfg, ps, batch, packed=True)
+        model, _, loss = forward_backward(cfg, ps, batch, packed=True)
         assert abs(loss - ref_loss) <= TOL * abs(ref_loss), f"(MP,SP)=({mp},{sp}): loss {loss} vs {ref_loss}"
         err = 0.0
         for name, p in model.named_parameters():

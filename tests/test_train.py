@@ -10,8 +10,7 @@ from llama_rlhf.data import StepBatches, load_samples, pack
 from llama_rlhf.models.pretrained import load_pretrained
 from llama_rlhf.parallel.state import single_process_state
 from llama_rlhf.tokenizer import load_tokenizer
-from llama_rlhf.training.grad_sync import GradientSync
-from llama_rlhf.training.optim import make_optimizer
+from llama_rlhf.training.distributed_optimizer import DistributedAdamW
 from llama_rlhf.training.sft import train_step
 from tests.hf_reference import write_tiny_chat_model
 from tests.launch import ROOT, launch_ranks, torchrun
@@ -99,11 +98,10 @@ def test_gradient_accumulation_matches_bigger_batch(tiny_model, small_data):
     updated = []
     for micro, accum in ((4, 1), (1, 4)):
         model = load_pretrained(tiny_model, "llama-hf", ps)
-        opt = make_optimizer(model, 1e-3, 0.1)
+        opt = DistributedAdamW(model, ps, stage=0, lr=1e-3, weight_decay=0.1)
         sched = StepBatches(rows, micro, 1, accum, seed=3)
         batches, total = sched.micro_batches(0, 0, 0)
-        result = train_step(model, opt, GradientSync(model, ps), batches, total, ps, torch.float32, tok.pad_id,
-                            1.0, False)
+        result = train_step(model, opt, batches, total, ps, torch.float32, tok.pad_id, 1.0, False)
         updated.append(({n: p.detach().clone() for n, p in model.named_parameters()}, result))
     (w1, r1), (w2, r2) = updated
     assert abs(r1.loss - r2.loss) <= 1e-6 and abs(r1.grad_norm - r2.grad_norm) <= 1e-5
@@ -200,9 +198,9 @@ def test_activation_checkpointing_changes_nothing_but_memory(tiny_model, small_d
     for checkpointing in (False, True):
         model = load_pretrained(tiny_model, "llama-hf", ps)
         model.activation_checkpointing = checkpointing
-        opt = make_optimizer(model, 1e-3, 0.0)
+        opt = DistributedAdamW(model, ps, stage=0, lr=1e-3)
         batches, total = StepBatches(rows, 2, 1, 2, seed=1).micro_batches(0, 0, 0)
-        r = train_step(model, opt, GradientSync(model, ps), batches, total, ps, torch.float32, tok.pad_id, 1.0, True)
+        r = train_step(model, opt, batches, total, ps, torch.float32, tok.pad_id, 1.0, True)
         results.append((r.loss, {n: p.detach().clone() for n, p in model.named_parameters()}))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])

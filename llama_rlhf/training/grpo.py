@@ -6,9 +6,7 @@ carries its own ids, rewards, advantage, old and reference log-probs from sampli
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -20,19 +18,13 @@ from ..generation import generate
 from ..jsonl import DataError, read_jsonl
 from ..models.pretrained import load_pretrained
 from ..parallel.comm import all_reduce, group_size
-from ..parallel.cpu_allocator import keep_freed_memory
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab_parallel_log_probs
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
-from ..tokenizer import load_tokenizer
-from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
-                            load_training_state, save_checkpoint)
-from .grad_sync import GradientSync, clip_grad_norm
 from .grpo_loss import group_advantages, token_terms, token_weights
-from .optim import lr_at, make_optimizer, set_lr
 from .rewards import build_rewards, score
-from .sft import resolve_model_type
+from .setup import TrainingRun
 
 
 @dataclass
@@ -158,7 +150,7 @@ class UpdateStats:
 def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, compute_dtype, pad_id: int,
                   loss_type: str, eps_low: float, eps_high: float, beta: float, global_sequences: int,
                   global_tokens: int, global_micro_batches: int, max_completion_length: int,
-                  mask_truncated: bool, on_policy: bool) -> UpdateStats:
+                  mask_truncated: bool, on_policy: bool, loss_scale: float = 1.0) -> UpdateStats:
     """Forward + backward of one micro-batch of rollouts; returns its (unnormalised) metric sums.
 
     ``on_policy`` (one update per rollout batch): the old log-probs are the current ones, detached.
@@ -176,7 +168,7 @@ def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, com
     old = logp.detach() if on_policy else local["old"]
     terms = token_terms(logp, old, local["adv"], eps_low, eps_high, beta, local["ref"] if beta else None)
     loss = (terms.loss * local["weight"]).sum()
-    loss.backward()
+    (loss * loss_scale).backward()
     m = local["mask"]
     stats = UpdateStats(loss=loss.item(), tokens=m.sum().item(),
                         low_clip=(terms.low_clipped.float() * m).sum().item(),
@@ -229,14 +221,20 @@ def global_sum(values: list[float], ps) -> list[float]:
     return all_reduce(torch.tensor(values, dtype=torch.float64), ps.dp_group).tolist()
 
 
+def load_reference(args, run: TrainingRun):
+    """The frozen initial model for the KL term, held in the compute dtype, outside the optimizer."""
+    reference = load_pretrained(args.ckpt_dir, run.model_type, run.ps, args.config_file,
+                                dtype=run.compute_dtype).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
 def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     """The GRPO loop behind solver_grpo.py; returns the final checkpoint path."""
-    model_type = resolve_model_type(args, ps)
-    tokenizer_dir = args.tokenizer_file or args.ckpt_dir
-    tok = load_tokenizer(tokenizer_dir, model_type=model_type)
+    run = TrainingRun.prepare(args, ps, compute_dtype)
+    tok, model_type = run.tok, run.model_type
     rewards = build_rewards(args.reward_funcs, args.reward_weights, (args.length_min, args.length_max))
-    check_save_dir(args.save_dir, args.resume)
-    log_dir = args.log_dir or args.save_dir
     max_prompt_len = args.max_seq_len - args.max_new_tokens
     if max_prompt_len < 1:
         raise UsageError(f"--max_seq_len {args.max_seq_len} leaves no room for prompts after --max_new_tokens "
@@ -250,38 +248,19 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 
-    resume_from = latest_checkpoint(args.save_dir) if args.resume else None
-    model = load_pretrained(resume_from or args.ckpt_dir, model_type, ps, None if resume_from else args.config_file)
-    model.train()
-    reference = None
-    if args.beta != 0.0:
-        reference = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file).eval()
-        for p in reference.parameters():
-            p.requires_grad_(False)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    sync = GradientSync(model, ps)
-    keep_freed_memory(ps.device)  # after the load: steps reuse freed memory instead of page-faulting it
-    start_step = 0
-    if resume_from:
-        start_step = load_training_state(resume_from, model, optimizer, ps)["step"]
-        log(f"resumed from {resume_from} at step {start_step}", ps)
-    source_config = export_config_source(args, resume_from)
-    save_dtype = SAVE_DTYPES[args.save_dtype]
+    model = run.load_model()
+    optimizer = run.optimizer
+    reference = load_reference(args, run) if args.beta != 0.0 else None
+    start_step = run.start_step
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
-    if ps.rank == 0:
-        os.makedirs(log_dir, exist_ok=True)
-        os.makedirs(args.save_dir, exist_ok=True)
-    log(f"GRPO {model_type} | MP={ps.mp_size} SP={ps.sp_size} DP={ps.dp_size} | {prompts_per_step} prompts x "
+    log(f"GRPO {model_type} | {run.describe()} | {prompts_per_step} prompts x "
         f"{group} samples per step, {total_steps} steps | rewards {args.reward_funcs} | loss {args.loss_type}, "
         f"beta {args.beta}", ps)
 
     def save(step):
-        return save_checkpoint(args.save_dir, step, model, optimizer, {"total_steps": total_steps,
-                                                                       "model_type": model_type}, ps,
-                               source_config=source_config, tokenizer_dir=tokenizer_dir, save_dtype=save_dtype,
-                               keep=args.save_total_limit)
+        return run.save(step, {"total_steps": total_steps})
 
-    t_start, path = time.time(), None
+    t_start, path, skipped_total = time.time(), None, 0
     for step in range(start_step, last_step):
         t0 = time.time()
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -307,27 +286,25 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         counted = [r for r in rollouts if not (args.mask_truncated_completions and r.truncated)]
         n_seq, n_tok, n_micro = global_sum([len(rollouts), sum(len(r.completion_ids) for r in counted),
                                             math.ceil(len(rollouts) / micro)], ps)
-        lr = lr_at(step, args.lr, total_steps, args.warmup_steps, args.lr_scheduler)
-        set_lr(optimizer, lr)
+        lr = run.set_lr(step, total_steps)
         totals = UpdateStats()
+        skipped_steps = 0
         for iteration in range(args.num_iterations):
             totals = UpdateStats()
-            for start in range(0, len(rollouts), micro):
+            for start in range(0, len(rollouts), micro):  # a rank without rollouts still joins the reduction
                 chunk = rollouts[start:start + micro]
+                optimizer.start_micro_batch(last=start + micro >= len(rollouts))
                 s = grpo_backward(model, chunk, ps, temperature=args.temperature, compute_dtype=compute_dtype,
                                   pad_id=tok.pad_id, loss_type=args.loss_type, eps_low=args.epsilon,
                                   eps_high=args.epsilon_high, beta=args.beta, global_sequences=int(n_seq),
                                   global_tokens=int(n_tok), global_micro_batches=int(n_micro),
                                   max_completion_length=args.max_new_tokens,
                                   mask_truncated=args.mask_truncated_completions,
-                                  on_policy=args.num_iterations == 1)
+                                  on_policy=args.num_iterations == 1, loss_scale=optimizer.loss_scale)
                 for name in vars(totals):
                     setattr(totals, name, getattr(totals, name) + getattr(s, name))
-            sync()
-            grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.max_grad_norm, ps)
-            if math.isfinite(grad_norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = optimizer.step(args.max_grad_norm)
+            skipped_steps += skipped
 
         # metrics: sums over DP (and over SP for token-level values, whose tokens are split)
         token_sums = all_reduce(torch.tensor([totals.loss, totals.kl, totals.low_clip, totals.high_clip,
@@ -350,15 +327,17 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                   "step_s": time.time() - t0}
         for (name, _, _), value in zip(rewards, sums[4:]):
             record[f"reward/{name}"] = value / n
+        skipped_total += skipped_steps
+        record.update(skipped=skipped_steps, skipped_steps=skipped_total)
+        run.metrics.write(record)
         if ps.rank == 0:
-            with open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
             eta = (time.time() - t_start) / (step + 1 - start_step) * (last_step - step - 1)
             log(f"step {step + 1}/{last_step} | reward {mean:.3f} ± {record['reward_std']:.3f} | "
                 + " ".join(f"{k[len('reward/'):].rsplit(':', 1)[-1]} {v:.3f}" for k, v in record.items()
                            if k.startswith("reward/"))
                 + f" | kl {record['kl']:.4f} | clip {record['clip_low'] + record['clip_high']:.3f} | len "
-                f"{record['completion_len_mean']:.0f} | {record['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s")
+                f"{record['completion_len_mean']:.0f} | {record['tokens_per_s']:.0f} tok/s | peak "
+                f"{record['peak_memory_mb']:.0f} MB/rank | ETA {eta:.0f}s")
             if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0 and rollouts:
                 for r in rollouts[:2]:
                     log(f"  [prompt {r.prompt.index} sample {r.sample_index} reward {r.reward:.2f}] "

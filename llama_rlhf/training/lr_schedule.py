@@ -1,23 +1,9 @@
-"""AdamW on the fp32 master weights, and the learning-rate schedule (warmup, then constant/cosine/linear)."""
+"""The learning-rate schedule: linear warmup, then constant, cosine or linear decay."""
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn as nn
-
 SCHEDULES = ("constant", "cosine", "linear")
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW (fused kernel) with weight decay on matrices only (not on norms, biases)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # one kernel per step, CPU or CUDA
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, schedule: str,
@@ -36,8 +22,3 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, schedu
     else:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * factor)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
