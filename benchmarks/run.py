@@ -5,7 +5,7 @@
 Each benchmark module ``benchmarks/<name>.py`` exposes ``run(quick) -> list[dict]``; this file runs them in
 turn (a failing one is recorded and the rest still run), adds a sequence-length sweep of ring attention for
 the plot, pairs every figure of ours with the competitor's figure from the same run, and checks the targets of
-issue 9. Figures are medians of several runs with [min-max]; the load average is recorded around every
+issues 9 and 13. Figures are medians of several runs with [min-max]; the load average is recorded around every
 benchmark (the machine may be shared). ``--quick`` writes ``<machine>-quick.*``, ``--only`` writes
 ``<machine>-<names>.*`` (e.g. ``<machine>-model_size.md``), so neither overwrites the full results.
 """
@@ -27,7 +27,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # order matters: mfu reuses train_step's rows (same run), and the long ones come last
-BENCHMARKS = ("train_step", "mfu", "model_size", "generate", "ring_attention", "load", "comm", "grpo_step")
+BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm",
+              "grpo_step")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,7 +309,24 @@ def summarize_grpo_step(rows):
     return out
 
 
-SUMMARIZERS = {"train_step": summarize_train_step, "mfu": summarize_mfu, "model_size": summarize_model_size,
+def summarize_memory(rows):
+    out = []
+    for r in rows:
+        if r.get("kind") == "mfu":
+            out.append(line("memory", f"bf16 train step {r['batch_per_rank']}x{r['seq']} world 1, zero stage "
+                                      f"{r['zero_stage']}", "MFU %", 100 * r["mfu"]))
+            continue
+        config = f"SmolLM2 SFT step DP={r['dp']} {r['dtype']} zero stage {r['zero_stage']}"
+        out.append(line("memory", config, "bytes/param (params+grads+optimizer)", r["bytes_per_param"],
+                        r["bytes_per_param_theory"], "theory", r["bytes_per_param"] / r["bytes_per_param_theory"],
+                        "of minimum", 2))
+        out.append(line("memory", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"], None, "", None, "", 0))
+        if "step_time_vs_stage0" in r:
+            out.append(line("memory", config, "step time vs stage 0", r["step_time_vs_stage0"], None, "", None, "", 2))
+    return out
+
+
+SUMMARIZERS = {"train_step": summarize_train_step, "memory": summarize_memory, "mfu": summarize_mfu, "model_size": summarize_model_size,
                "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
                "load": summarize_load, "comm": summarize_comm, "grpo_step": summarize_grpo_step}
@@ -350,7 +368,7 @@ def table_text(table: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# targets (issue 9)
+# targets (issues 9 and 13)
 # ---------------------------------------------------------------------------------------------------------
 
 def target(name: str, goal: str, figures: list[tuple[str, float | None]], ok) -> dict:
@@ -370,6 +388,7 @@ def evaluate_targets(results: dict) -> list[dict]:
     load3 = next((r for r in rows.get("load", []) if r["impl"] == "llama_rlhf" and r["mp"] == 3
                   and r["status"] == "ok"), None)
     grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0]
+    zero_bf16 = [r for r in rows.get("memory", []) if r.get("kind") != "mfu" and r["zero_stage"] == 1]
     return [
         target("training throughput", ">= 1.3x transformers tokens/s, same dtype, MP=1",
                [(f"{d} speedup", v) for d, v in sorted(train.items())], lambda v: v >= 1.3),
@@ -383,6 +402,12 @@ def evaluate_targets(results: dict) -> list[dict]:
            if load3 else {}},
         target("GRPO step", ">= 2x faster than TRL GRPOTrainer",
                [("beta 0 speedup", grpo[0]["speedup_vs_trl"] if grpo else None)], lambda v: v >= 2.0),
+        target("stage-1 bytes per parameter", "bf16 zero stage 1 <= 6 + 12/(DP x SP) bytes per local parameter",
+               [(f"DP={r['dp']} measured / bound", r["bytes_per_param"] / (6 + 12 / r["dp"]))
+                for r in zero_bf16 if r["dtype"] == "bfloat16"], lambda v: v <= 1.0),
+        target("stage-1 step time", "zero stage 1 step within 5% of stage 0 at the same layout",
+               [(f"DP={r['dp']} {r['dtype']} stage 1 / stage 0", r["step_time_vs_stage0"]) for r in zero_bf16],
+               lambda v: v <= 1.05),
     ]
 
 
@@ -480,7 +505,7 @@ def write_results(results: dict, facts: dict, meta: dict, out_dir: str, stem: st
     md += ["", "## Summary", "",
            "Figures: median [min-max] over the timed runs. Ratios: 'x faster' = the competitor's time / ours "
            "(or our rate / theirs); 'x memory' = ours / theirs; 'x minimum' = measured / theoretical.", "",
-           table_markdown(table), "", "## Targets (issue 9)", "", targets_markdown(targets), ""]
+           table_markdown(table), "", "## Targets", "", targets_markdown(targets), ""]
     if png:
         md += [f"![throughput and memory]({os.path.basename(png)})", ""]
     md += ["## Per benchmark", ""]

@@ -184,10 +184,16 @@ def fake_results() -> dict:
     size = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 704, "params_m": 17.6}
     model_size = [dict(train[0], **size),
                   dict(train[1], **size, speedup_vs_transformers=1.9, rss_ratio_vs_transformers=0.9)]
+    memory = [{"benchmark": "memory", "world": 2, "dp": 2, "zero_stage": st, "dtype": "bfloat16", "batch_per_rank": 1,
+               "seq": 256, "step_s_median": t, "step_s_min": t, "step_s_max": t, "tokens_per_s": 512 / t,
+               "peak_rss_mb_per_rank": mb, "bytes_per_param": bpp, "bytes_per_param_theory": bpp}
+              for st, t, mb, bpp in ((0, 1.0, 3000.0, 16.0), (1, 1.02, 2000.0, 12.0))]
+    memory[1].update(step_time_vs_stage0=1.02, peak_rss_vs_stage0=2 / 3)
+    memory.append(dict(memory[1], kind="mfu", world=1, dp=1, mfu=0.62, achieved_gflops=275.0, peak_gflops=443.0))
     entry = lambda rows: {"rows": rows, "seconds": 1.0, "load_before": [0.5, 0.5, 0.5],  # noqa: E731
                           "load_after": [0.6, 0.5, 0.5]}
     return {"train_step": entry(train), "mfu": entry(mfu_rows), "model_size": entry(model_size),
-            "generate": entry(generate),
+            "memory": entry(memory), "generate": entry(generate),
             "ring_attention": entry(ring), "ring_attention_sweep": entry(sweep), "load": entry(load_rows),
             "comm": entry(comm_rows), "grpo_step": entry(grpo),
             "broken": {"rows": [], "seconds": 0.1, "load_before": [0, 0, 0], "load_after": [0, 0, 0],
@@ -201,6 +207,8 @@ def test_targets_from_results():
     assert targets["generation"]["status"] == "missed"  # 1.5x < 2x
     assert targets["load memory"]["status"] == "met" and targets["load memory"]["also"]
     assert targets["GRPO step"]["status"] == "missed"  # 1.6x < 2x
+    assert targets["stage-1 bytes per parameter"]["status"] == "met"  # 12 <= 6 + 12/2
+    assert targets["stage-1 step time"]["figures"] == {"DP=2 bfloat16 stage 1 / stage 0": 1.02}
     assert run.evaluate_targets({})[0]["status"] == "not measured"
 
 
@@ -217,7 +225,7 @@ def test_results_writer(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     data = json.load(open(paths["json"], encoding="utf-8"))
     assert data["machine"]["torch"] == torch.__version__ and data["quick"] is True
-    assert len(data["targets"]) == 5 and set(data["benchmarks"]) == set(results)
+    assert len(data["targets"]) == 7 and set(data["benchmarks"]) == set(results)
     table = data["table"]
     by = lambda bench, metric: [r for r in table if r["benchmark"] == bench and r["metric"] == metric]  # noqa: E731
     train_tps, same_malloc = [r for r in by("train_step", "tokens/s") if r["ours"] != "refused"]
@@ -233,7 +241,7 @@ def test_results_writer(tmp_path):
     assert by("comm", "all-reduce calls")[0]["ratio"] == 1.0
     md = open(paths["md"], encoding="utf-8").read()
     for needle in ("| benchmark | configuration | metric | llama_rlhf | competitor | vs competitor |",
-                   "## Targets (issue 9)", "**GRPO step**", "**missed**", "error: RuntimeError: boom",
+                   "## Targets", "**GRPO step**", "zero stage 1 | MFU % | 62.0", "**missed**", "error: RuntimeError: boom",
                    "machine-x.png", "2.00x faster", "512 [427-569]", "0.75x peak"):
         assert needle in md, needle
     text = run.table_text(run.summary_table(results))

@@ -111,17 +111,8 @@ def check_bf16_parameters_train_like_fp32(out_dir):
 
 def held_bytes(model, opt) -> float:
     """Bytes of parameters, gradient buckets, fp32 masters and AdamW moments per local trainable parameter."""
-    storages = {}
-    for p in model.parameters():
-        storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    for bucket in opt.buckets.buckets:
-        storages[bucket.grad.untyped_storage().data_ptr()] = bucket.grad.untyped_storage().nbytes()
-    for _, master in opt._masters:
-        storages[master.untyped_storage().data_ptr()] = master.untyped_storage().nbytes()
-    for state in opt.inner.state.values():
-        for key in ("exp_avg", "exp_avg_sq"):
-            storages[state[key].untyped_storage().data_ptr()] = state[key].untyped_storage().nbytes()
-    return sum(storages.values()) / sum(p.numel() for p in model.parameters())
+    held = opt.memory_breakdown(model)
+    return sum(held[k] for k in ("parameters", "gradients", "masters", "moments")) / held["trainable_parameters"]
 
 
 def check_bytes_per_parameter(out_dir):

@@ -163,6 +163,17 @@ class DistributedAdamW:
         for pc in self.pieces:  # the views stay attached
             pc.master.grad = pc.grad
 
+    def memory_breakdown(self, model: nn.Module) -> dict[str, int]:
+        """Bytes this rank holds for the model's parameters, the gradient buckets, the separate fp32 masters and
+        the AdamW moments (each storage counted once)."""
+        def total(tensors) -> int:
+            seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+            return sum(seen.values())
+        moments = [s[k] for s in self.inner.state.values() for k in ("exp_avg", "exp_avg_sq") if k in s]
+        return {"parameters": total(list(model.parameters())), "gradients": total(b.grad for b in self.buckets.buckets),
+                "masters": total(m for _, m in self._masters), "moments": total(moments),
+                "trainable_parameters": sum(p.numel() for b in self.buckets.buckets for p in b.params)}
+
     # -- layout-free state --------------------------------------------------------------------------------
     @property
     def adam_step(self) -> int:
