@@ -224,9 +224,12 @@ def step_parity(out_dir, dtype, tol):
                 assert err <= tol, f"{where}: updated {name} differs by {err:.2e}"
                 weight_err = max(weight_err, err)
             worst[where] = {"loss": abs(loss - ref_loss), "grad_rel": grad_err, "weight": weight_err}
-        stages = max(rel_diff(updated[k][n], updated[0][n]) for k in updated if k != 0 for n in updated[0])
+        # the same buckets: stage 1 equals stage 0 (1e-6 relative); one bucket per parameter changes the order in
+        # which gloo sums the ranks' gradients, so it is held to the reference tolerance above instead
+        stages = max(rel_diff(updated[1][n], updated[0][n]) for n in updated[0])
         assert stages <= max(tol / 10, 1e-12), f"{label}: stage 1 and stage 0 updates differ by {stages:.2e}"
-        worst[f"{label} stage 1 vs 0"] = {"weight_rel": stages}
+        fine = max(rel_diff(updated[k][n], updated[0][n]) for k in updated if k not in (0, 1) for n in updated[0])
+        worst[f"{label} stage 1 vs 0"] = {"weight_rel": stages, "one bucket per parameter vs stage 0": fine}
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, f"step_parity_{str(dtype)[6:]}.json"), "w") as f:
             json.dump({"loss": ref_loss, "grad_norm": ref_norm, "max_norm": max_norm, "layouts": worst}, f)
