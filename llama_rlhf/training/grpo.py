@@ -25,7 +25,7 @@ from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, tokenizer_source
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
                             load_training_state, save_checkpoint)
 from .grad_sync import GradientSync, clip_grad_norm
@@ -232,7 +232,7 @@ def global_sum(values: list[float], ps) -> list[float]:
 def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     """The GRPO loop behind solver_grpo.py; returns the final checkpoint path."""
     model_type = resolve_model_type(args, ps)
-    tokenizer_dir = args.tokenizer_file or args.ckpt_dir
+    tokenizer_dir = tokenizer_source(args.tokenizer_file, args.ckpt_dir)
     tok = load_tokenizer(tokenizer_dir, model_type=model_type)
     rewards = build_rewards(args.reward_funcs, args.reward_weights, (args.length_min, args.length_max))
     check_save_dir(args.save_dir, args.resume)

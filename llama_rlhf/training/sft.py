@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from ..data import StepBatches, collate, load_samples, pack
-from ..models.families import detect_model_type, get_family
+from ..models.families import config_folder, detect_model_type, get_family
 from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.comm import all_reduce
 from ..parallel.cpu_allocator import keep_freed_memory
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..runtime import UsageError, autocast, log
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, tokenizer_source
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
                             load_training_state, save_checkpoint)
 from .grad_sync import GradientSync, clip_grad_norm
@@ -27,7 +27,7 @@ def resolve_model_type(args, ps) -> str:
     if args.model_type:
         get_family(args.model_type)
         return args.model_type
-    source = args.ckpt_dir or os.path.dirname(args.config_file or "")
+    source = config_folder(args.ckpt_dir, args.config_file)
     model_type = detect_model_type(source)
     log(f"detected --model_type {model_type} from {source}", ps)
     return model_type
@@ -109,7 +109,7 @@ def format_eta(seconds: float) -> str:
 def train(args, ps, compute_dtype: torch.dtype) -> str:
     """Run SFT/pretraining as configured by solver_train's flags; returns the final checkpoint path."""
     model_type = resolve_model_type(args, ps)
-    tokenizer_dir = args.tokenizer_file or args.ckpt_dir
+    tokenizer_dir = tokenizer_source(args.tokenizer_file, args.ckpt_dir)
     if not tokenizer_dir:
         raise UsageError("--tokenizer_file is required with --from_scratch (no --ckpt_dir to take it from)")
     tok = load_tokenizer(tokenizer_dir, model_type=model_type)
