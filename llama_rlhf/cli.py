@@ -77,8 +77,8 @@ LLAMA_RLHF_FLAGS = [
     LlamaRlhfFlag("--policy_model_type", ("grpo",), "use --model_type"),
     LlamaRlhfFlag("--policy_config_file", ("grpo",), "use --config_file"),
     LlamaRlhfFlag("--policy_tokenizer_file", ("grpo",), "use --tokenizer_file"),
-    LlamaRlhfFlag("--reference_ckpt_dir", ("grpo",), "not needed: the KL reference is the initial --ckpt_dir, "
-                  "kept when --beta > 0"),
+    LlamaRlhfFlag("--reference_ckpt_dir", ("grpo",), "the KL reference here is always the initial --ckpt_dir "
+                  "(kept when --beta > 0)"),
     LlamaRlhfFlag("--verifier_ckpt_dir", ("grpo",), "reward models are not available: use --reward_funcs "
                   "(accuracy, format, length or path/to/file.py:function)"),
     LlamaRlhfFlag("--task", ("grpo",), "use --reward_funcs (accuracy checks the line's answer; or your own "
