@@ -2,7 +2,8 @@
 # Start SCRIPT once per node listed in HOSTFILE (OpenMPI), e.g. on the first host of the hostfile:
 #   bash mpirun.sh hostfile train-multi-node.sh [solver_train.py flags...]
 # Every copy gets OMPI_COMM_WORLD_RANK/SIZE (its node rank and the node count), MASTER_ADDR (the first host
-# of the hostfile) and MASTER_PORT; train-multi-node.sh turns them into one torchrun per node.
+# of the hostfile; also as _MASTER_ADDR, which Llama-RLHF's scripts read) and MASTER_PORT; train-multi-node.sh
+# turns them into one torchrun per node.
 # The repository (and the Python environment) must sit at the same path on every node.
 #
 # Environment (all optional):
@@ -68,6 +69,8 @@ done <"$hostfile"
 
 export MASTER_ADDR="${MASTER_ADDR:-$first_host}"
 export MASTER_PORT="${MASTER_PORT:-29500}"
+# Llama-RLHF's train-multi-node.sh reads the master address from _MASTER_ADDR: the same value, so it runs unchanged.
+export _MASTER_ADDR="$MASTER_ADDR"
 script_path="$(cd "$(dirname "$script")" && pwd)/$(basename "$script")"
 
 args=(--hostfile "$hostfile" -np "$nslots" --map-by slot --bind-to none --wdir "$PWD")
@@ -80,7 +83,7 @@ if [ -n "${NET_IFACE:-}" ]; then
 fi
 if [ -n "${SSH_PORT:-}" ]; then args+=(--mca plm_rsh_args "-p $SSH_PORT"); fi
 
-names=(PATH LD_LIBRARY_PATH PYTHONPATH PYTHON MASTER_ADDR MASTER_PORT NPROC_PER_NODE OMP_NUM_THREADS
+names=(PATH LD_LIBRARY_PATH PYTHONPATH PYTHON MASTER_ADDR _MASTER_ADDR MASTER_PORT NPROC_PER_NODE OMP_NUM_THREADS
   CUDA_VISIBLE_DEVICES)
 while read -r name; do
   case "$name" in NCCL_* | GLOO_* | TORCH_* | HF_* | LLAMA_RLHF_*) names+=("$name") ;; esac

@@ -9,7 +9,7 @@ Writes LOGS/results.jsonl: one line per input line, in input order, with "output
 import argparse
 import os
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_model_flags
+from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_model_flags
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     s.add_argument("--max_new_tokens", type=int, default=512, help="longest response in tokens")
     s.add_argument("--num_samples_per_prompt", type=int, default=1, help="samples per prompt (one prefill each)")
     s.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
+    add_llama_rlhf_flags(p, "generate")
     args = p.parse_args(argv)
     if not args.ckpt_dir:
         raise UsageError("--ckpt_dir is required (the checkpoint to sample from)")
@@ -48,13 +49,13 @@ def main():
     from llama_rlhf.batch_generate import run_generation
     from llama_rlhf.models.families import detect_model_type, get_family
     from llama_rlhf.models.pretrained import load_pretrained
-    from llama_rlhf.tokenizer import load_tokenizer
+    from llama_rlhf.tokenizer import load_tokenizer, tokenizer_source
 
     if not os.path.isdir(args.ckpt_dir):
         raise FileNotFoundError(f"--ckpt_dir {args.ckpt_dir} does not exist or is not a directory")
     model_type = args.model_type or detect_model_type(args.ckpt_dir)
     get_family(model_type)
-    tok = load_tokenizer(args.tokenizer_file or args.ckpt_dir, model_type=model_type)
+    tok = load_tokenizer(tokenizer_source(args.tokenizer_file, args.ckpt_dir), model_type=model_type)
     model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
     if args.max_seq_len > model.cfg.max_position_embeddings:
         raise UsageError(f"--max_seq_len {args.max_seq_len} is beyond this model's max_position_embeddings "

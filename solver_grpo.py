@@ -9,7 +9,7 @@ Reward functions: accuracy, format, length, or path/to/file.py:function with the
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import LOSS_TYPES, SCALE_REWARDS
@@ -67,6 +67,7 @@ def parse_args(argv=None):
     c.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the exported HF weights")
     add_bool(c, "--resume", False, "continue the newest checkpoint in --save_dir")
     c.add_argument("--log_completions_steps", type=int, default=10, help="print sample completions every N steps")
+    add_llama_rlhf_flags(p, "grpo")
     args = p.parse_args(argv)
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon

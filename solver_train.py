@@ -5,7 +5,7 @@
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.lr_schedule import SCHEDULES
@@ -45,6 +45,7 @@ def parse_args(argv=None):
                    help="dtype of the exported HF weights (fp32 masters are kept for resume either way)")
     add_bool(s, "--resume", False, "continue the newest checkpoint in --save_dir exactly where it stopped")
     s.add_argument("--log_steps", type=int, default=1, help="print a progress line every N steps")
+    add_llama_rlhf_flags(p, "train")
     args = p.parse_args(argv)
     for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
         if getattr(args, name) < 1:

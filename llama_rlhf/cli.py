@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 
 def str2bool(value) -> bool:
@@ -54,3 +55,84 @@ def add_memory_flags(group) -> None:
                        help="0: every DP x SP rank holds the whole optimizer state; 1: fp32 masters and AdamW moments "
                             "partitioned over DP x SP, parameters held in the compute dtype (default: 1 when "
                             "DP x SP > 1, else 0)")
+
+
+@dataclass(frozen=True)
+class LlamaRlhfFlag:
+    """A flag of Llama-RLHF's solvers that is not a flag here, and what to do instead (README, "Coming from
+    Llama-RLHF"). Refused flags stop the run with one line naming the flag to use; the others are accepted
+    with a note. A value equal to Llama-RLHF's default asks for what happens here anyway: taken silently."""
+
+    name: str
+    solvers: tuple  # "train", "generate", "grpo"
+    advice: str
+    refused: bool = True
+    default: str | None = None
+
+
+LLAMA_RLHF_FLAGS = [
+    LlamaRlhfFlag("--begin_epoch", ("train", "grpo"), "pass --resume true instead: it continues the newest "
+                  "checkpoint-N in --save_dir exactly where it stopped, mid-epoch too", default="0"),
+    LlamaRlhfFlag("--save_optim", ("train", "grpo"), "not needed: every checkpoint keeps the optimizer state "
+                  "(training_state/) so that --resume true continues exactly", refused=False),
+    LlamaRlhfFlag("--lora_dtype", ("train", "grpo"), "not needed: every trained weight is kept in fp32 and "
+                  "computed in --dtype", refused=False),
+    LlamaRlhfFlag("--max_num_ckpts", ("train",), "use --save_total_limit N (keeps the newest N checkpoints)"),
+    LlamaRlhfFlag("--open_fault_tolerance", ("generate",), "not available: results.jsonl is written once, at the "
+                  "end, and a rerun replaces it; split a long --label_file into parts with their own --log_dir",
+                  default="false"),
+    LlamaRlhfFlag("--policy_ckpt_dir", ("grpo",), "use --ckpt_dir"),
+    LlamaRlhfFlag("--policy_model_type", ("grpo",), "use --model_type"),
+    LlamaRlhfFlag("--policy_config_file", ("grpo",), "use --config_file"),
+    LlamaRlhfFlag("--policy_tokenizer_file", ("grpo",), "use --tokenizer_file"),
+    LlamaRlhfFlag("--reference_ckpt_dir", ("grpo",), "the KL reference here is always the initial --ckpt_dir "
+                  "(kept when --beta > 0)"),
+    LlamaRlhfFlag("--verifier_ckpt_dir", ("grpo",), "reward models are not available: use --reward_funcs "
+                  "(accuracy, format, length or path/to/file.py:function)"),
+    LlamaRlhfFlag("--task", ("grpo",), "use --reward_funcs (accuracy checks the line's answer; or your own "
+                  "path/to/file.py:function)"),
+    LlamaRlhfFlag("--kl_coef", ("grpo",), "use --beta (the KL penalty weight; 0 keeps no reference model)"),
+    LlamaRlhfFlag("--clip_range", ("grpo",), "use --epsilon (and --epsilon_high for an asymmetric clip)"),
+    LlamaRlhfFlag("--inner_epochs", ("grpo",), "use --num_iterations (policy updates per rollout batch)"),
+    LlamaRlhfFlag("--chunk_size", ("grpo",), "a step rolls out --max_batch_size prompts per DP rank and trains on "
+                  "them: set --max_batch_size to chunk_size / DP"),
+    LlamaRlhfFlag("--max_generate_batch_size", ("grpo",), "use --rollout_batch_size (sequences decoded together)"),
+    LlamaRlhfFlag("--max_forward_batch_size", ("grpo",), "use --train_batch_size (sequences per forward/backward)"),
+    LlamaRlhfFlag("--accumulation_steps", ("grpo",), "use --train_batch_size: a step's rollouts are split into "
+                  "micro-batches of that size and the loss is normalised over the whole step"),
+]
+
+
+def _same_value(given: str, default: str) -> bool:
+    for convert in (str2bool, int):
+        try:
+            return convert(given) == convert(default)
+        except (argparse.ArgumentTypeError, ValueError):
+            pass
+    return given == default
+
+
+class _LlamaRlhfAction(argparse.Action):
+    def __init__(self, option_strings, dest, flag: LlamaRlhfFlag, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", const="true", default=argparse.SUPPRESS, **kwargs)
+        self.flag = flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.flag.default is not None and _same_value(values, self.flag.default):
+            return
+        given = f"{self.flag.name} {values}"
+        if self.flag.refused:
+            from .runtime import UsageError
+            raise UsageError(f"{given} is a Llama-RLHF flag: {self.flag.advice}")
+        from .runtime import launch_rank
+        if launch_rank() == "0":
+            print(f"note: {given} (a Llama-RLHF flag) is ignored; {self.flag.advice}", flush=True)
+
+
+def add_llama_rlhf_flags(parser: argparse.ArgumentParser, solver: str) -> None:
+    """Llama-RLHF's flags for this solver (LLAMA_RLHF_FLAGS) that this parser does not define itself."""
+    g = parser.add_argument_group("Llama-RLHF flags (refused with what to use instead, or ignored with a note)")
+    for flag in LLAMA_RLHF_FLAGS:
+        if solver in flag.solvers and flag.name not in parser._option_string_actions:
+            g.add_argument(flag.name, action=_LlamaRlhfAction, flag=flag, metavar="VALUE",
+                           help=("refused: " if flag.refused else "ignored: ") + flag.advice.replace("%", "%%"))

@@ -25,9 +25,13 @@ EXPECTED_ERRORS = (UsageError, DataError, ConfigError, CheckpointError, LayoutEr
                    FileExistsError)
 
 
+def launch_rank() -> str:
+    """This process's global rank as its launcher (torchrun or mpirun) set it, before any process group exists."""
+    return os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+
+
 def rank_label() -> str:
-    rank = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-    return f"[rank {rank}]"
+    return f"[rank {launch_rank()}]"
 
 
 def run_main(main) -> None:

@@ -201,6 +201,21 @@ def _split_long_text(text: str, max_chars: int, max_run: int) -> list[str]:
     return pieces
 
 
+def tokenizer_source(tokenizer_file: str | None, ckpt_dir: str | None) -> str | None:
+    """Where a run's tokenizer is, the one rule every solver uses: ``--tokenizer_file`` (a tokenizer file, or a
+    folder holding one, trailing slash or not), else ``--ckpt_dir``; None when neither is given. A bad path is a
+    one-line error saying whether it does not exist or is a folder without a tokenizer."""
+    flag, path = ("--tokenizer_file", tokenizer_file) if tokenizer_file else ("--ckpt_dir", ckpt_dir)
+    if not path:
+        return None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in SEARCHED_FILES):
+        raise FileNotFoundError(f"{flag} {path} is a folder without a tokenizer (looked for "
+                                f"{', '.join(SEARCHED_FILES)})")
+    return path
+
+
 def load_tokenizer(path: str, kind: str | None = None, model_type: str | None = None) -> Tokenizer:
     """Load the tokenizer of a checkpoint directory (or a tokenizer file); `kind` is detected when None."""
     if kind is not None and kind not in KINDS:

@@ -78,18 +78,22 @@ def write_tiny_llamas(root: str) -> dict[str, str]:
     return folders
 
 
-def write_tiny_chat_model(folder: str, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
-    """A tiny random Llama that uses a real chat tokenizer (SmolLM2's): small enough to train in seconds."""
+def write_tiny_chat_model(folder: str, tokenizer_dir: str, seed: int = 0, architecture: str = "llama",
+                          **overrides) -> str:
+    """A tiny random Llama (or Qwen2: ``architecture="qwen2"``) that uses a real chat tokenizer (SmolLM2's):
+    small enough to train in seconds."""
     import shutil
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[architecture]
     settings = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     settings.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings)).float()
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings)).float()
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         src = os.path.join(tokenizer_dir, name)

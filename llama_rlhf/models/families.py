@@ -214,21 +214,33 @@ class Family:
         return self.config_file_name == "params.json"
 
     def read_config(self, ckpt_dir: str, config_file: str | None = None) -> ModelConfig:
-        path = config_file or os.path.join(ckpt_dir, self.config_file_name)
-        if not os.path.isfile(path):
-            raise ConfigError(self._missing_config_message(ckpt_dir, path))
+        path = self.config_path(ckpt_dir, config_file)
         d = read_json(path)
         if self.is_meta:
             return self.config_from_dict(d, path, self.name, ckpt_dir)
         self._check_model_type(d, path)
         return self.config_from_dict(d, path, self.name)
 
-    def _missing_config_message(self, ckpt_dir: str, path: str) -> str:
-        msg = f"--model_type {self.name} reads {self.config_file_name}, but {path} does not exist"
+    def config_path(self, ckpt_dir: str | None, config_file: str | None = None) -> str:
+        """The config file this family reads (see locate_config); a bad path is one line saying what is wrong:
+        the path does not exist, or it is a folder without the family's config file."""
+        path = locate_config(self.config_file_name, ckpt_dir, config_file)
+        if os.path.isfile(path):
+            return path
+        flag, given = ("--config_file", config_file) if config_file else ("--ckpt_dir", ckpt_dir)
+        if not os.path.exists(given):
+            raise ConfigError(f"{flag} {given} does not exist")
+        if not os.path.isdir(given):
+            raise ConfigError(f"{flag} {given} is neither a file nor a folder")
+        raise ConfigError(self._missing_config_message(flag, given))
+
+    def _missing_config_message(self, flag: str, folder: str) -> str:
+        name = self.config_file_name
+        msg = f"--model_type {self.name} reads {name}, but {flag} {folder} is a folder without {name}"
         other = "config.json" if self.is_meta else "params.json"
-        if ckpt_dir and os.path.isfile(os.path.join(ckpt_dir, other)):
+        if os.path.isfile(os.path.join(folder, other)):
             kind = "an HF checkpoint (config.json)" if self.is_meta else "a Meta original checkpoint (params.json)"
-            msg += f"; {ckpt_dir} holds {kind}: {describe_detection(ckpt_dir)}"
+            msg += f"; it holds {kind}: {describe_detection(folder)}"
         return msg
 
     def _check_model_type(self, d: dict, path: str) -> None:
@@ -240,6 +252,26 @@ class Family:
         hint = f"that is --model_type {owner[0]}" if owner else f"no --model_type reads it (valid: {valid_types()})"
         raise ConfigError(f"{path} is a {hf_type!r} checkpoint ({', '.join(d.get('architectures') or [])}), "
                           f"not {self.name} ({'/'.join(self.hf_model_types)}): {hint}")
+
+
+def locate_config(file_name: str, ckpt_dir: str | None, config_file: str | None) -> str:
+    """Where a run's model config is, the one rule every solver uses: ``--config_file`` itself when it is a file,
+    FILE_NAME (config.json, or params.json for Meta originals) inside it when it is a folder (trailing slash or
+    not), else FILE_NAME inside ``--ckpt_dir``. The path may not exist (Family.config_path says why)."""
+    if config_file:
+        return os.path.join(config_file, file_name) if os.path.isdir(config_file) else config_file
+    return os.path.join(ckpt_dir or "", file_name)
+
+
+def config_folder(ckpt_dir: str | None, config_file: str | None) -> str:
+    """The folder whose config.json / params.json tells the family when --model_type is omitted."""
+    if ckpt_dir:
+        return ckpt_dir
+    if not config_file:
+        raise ConfigError("pass --ckpt_dir (or --from_scratch with --config_file): there is no model to read")
+    if not os.path.exists(config_file):
+        raise ConfigError(f"--config_file {config_file} does not exist")
+    return config_file if os.path.isdir(config_file) else os.path.dirname(os.path.abspath(config_file))
 
 
 def _hf_source(ckpt_dir: str, cfg: ModelConfig):

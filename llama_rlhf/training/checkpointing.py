@@ -25,6 +25,7 @@ from ..checkpoint.export import export_hf
 from ..checkpoint.hf import CheckpointError
 from ..checkpoint.training_state import (STATE_FORMAT, SavedOptimizerState, atomic_torch_save, optimizer_file,
                                          rng_file)
+from ..models.families import locate_config
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +37,8 @@ def export_config_source(args, resume_from: str | None) -> str | None:
         return os.path.join(resume_from, "config.json")
     if getattr(args, "from_scratch", False):
         return None
-    return args.config_file or os.path.join(args.ckpt_dir, "config.json")
+    path = locate_config("config.json", args.ckpt_dir, args.config_file)
+    return path if os.path.isfile(path) else None  # a Meta original has none: the export writes one from the model
 
 
 def checkpoint_dirs(save_dir: str) -> list[tuple[int, str]]:

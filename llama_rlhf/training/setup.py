@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.families import detect_model_type, get_family
+from ..models.families import config_folder, detect_model_type, get_family
 from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.cpu_allocator import keep_freed_memory
 from ..runtime import UsageError, log
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, tokenizer_source
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
                             load_training_state, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
@@ -29,7 +29,7 @@ def resolve_model_type(args, ps) -> str:
     if args.model_type:
         get_family(args.model_type)
         return args.model_type
-    source = args.ckpt_dir or os.path.dirname(args.config_file or "")
+    source = config_folder(args.ckpt_dir, args.config_file)
     model_type = detect_model_type(source)
     log(f"detected --model_type {model_type} from {source}", ps)
     return model_type
@@ -66,7 +66,7 @@ class TrainingRun:
     def prepare(cls, args, ps, compute_dtype: torch.dtype) -> "TrainingRun":
         """Everything that can fail on a user's input before a model is loaded."""
         model_type = resolve_model_type(args, ps)
-        tokenizer_dir = args.tokenizer_file or args.ckpt_dir
+        tokenizer_dir = tokenizer_source(args.tokenizer_file, args.ckpt_dir)
         if not tokenizer_dir:
             raise UsageError("--tokenizer_file is required with --from_scratch (no --ckpt_dir to take it from)")
         tok = load_tokenizer(tokenizer_dir, model_type=model_type)
