@@ -114,7 +114,7 @@ class TrainingRun:
     def describe(self) -> str:
         opt = self.optimizer
         held = str(opt.param_dtype).replace("torch.", "")
-        return (f"MP={self.ps.mp_size} SP={self.ps.sp_size} DP={self.ps.dp_size} | zero stage {opt.stage}, "
+        return (f"layout MP={self.ps.mp_size} SP={self.ps.sp_size} DP={self.ps.dp_size} | zero stage {opt.stage}, "
                 f"parameters in {held}, compute {str(self.compute_dtype).replace('torch.', '')}")
 
     def set_lr(self, step: int, total_steps: int) -> float:
