@@ -15,11 +15,12 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
   matmul inputs, q/k/v after RoPE, attention output and its reshaped copy, the log-sum-exp, four MLP tensors);
   with --activation_checkpointing each layer keeps only its input and one layer is recomputed in backward.
 - Logits: the LM head runs on trained positions only; cross-entropy keeps the [N, V/MP] logits, works in fp32
-  chunks of 2^22 elements, and writes the gradient over the logits; the LM head's weight gradient is a transient.
+  chunks of 2^22 elements, and writes the gradient over the logits; then the LM head's weight gradient.
 - GRPO: the frozen reference (--beta > 0, no LoRA) in the compute dtype, the rollouts' KV cache (rows x
   (max_seq_len + max(32, max_seq_len / 4)) slots, as solver_grpo allocates it), the fp32 logits and the entropy
   temporaries of the update (all completion positions of a micro-batch, at most max_new_tokens each).
 - Setup: building the optimizer holds the fp32 parameters, the gradient buckets and the 16-bit buffers at once.
+On the CPU (--device cpu) gloo's collectives add their copies of the buckets in flight.
 The peak is the largest of these phases, plus --overhead_gb (CUDA context, communication buffers, allocator
 slack: what no tensor accounts for). An impossible layout is the solvers' own error (parallel/layout.py).
 """
@@ -168,8 +169,12 @@ class Job:
     lora_target_modules: tuple = LORA_TARGETS
 
 
-def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0) -> Plan:
-    """Per-rank bytes of ``job`` at ``layout`` (see the module docstring for what is counted)."""
+def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0,
+         device: str = "cuda") -> Plan:
+    """Per-rank bytes of ``job`` at ``layout`` (see the module docstring for what is counted).
+
+    ``device`` "cpu" adds what gloo's collectives allocate (NCCL works in place): a reduce-scatter copies its
+    bucket while in flight (all of them by the end of backward), an all-gather its bucket twice."""
     mp, n = layout.mp, layout.dp * layout.sp
     c = DTYPE_BYTES[job.dtype]
     stage = layout.zero_stage
@@ -211,14 +216,18 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
         activations = tokens * cfg.num_layers * per_layer
     activations += tokens * 8 * cfg.hidden_size + trained * c * cfg.hidden_size  # final norm, LM-head input
     vocab_local, h = counts["vocab_local"], cfg.hidden_size
-    head_grad = vocab_local * h * (c if held == 2 or lora else (c + 4 if c == 2 else 4)) * (not lora)
-    if job.job == "sft":  # logits kept in c bytes, fp32 chunk buffer, the LM head's weight gradient
-        logits = trained * vocab_local * c + (CE_CHUNK_BYTES if c != 4 else 0) + head_grad
+    head_grad = vocab_local * h * c * (not lora)  # the LM head's weight gradient (frozen with LoRA)
+    if job.job == "sft":  # logits kept in c bytes; then cross-entropy's fp32 chunk or the LM head's weight gradient
+        logits = trained * vocab_local * c + max(CE_CHUNK_BYTES if c != 4 else 0, head_grad)
     else:  # fp32 logits / temperature (c-byte original alive meanwhile), then 4 fp32 entropy temporaries
         logits = trained * vocab_local * max(c + 8, 4 * 5) + head_grad
     parts["activations"] = activations
     parts["logits"] = logits
     phases = {"train step": persistent + activations + logits}
+    if device == "cpu" and stage == 1 and n > 1:
+        parts["gloo_buffers"] = flat * 4
+        phases["train step"] += flat * 4
+        phases["optimizer step"] = persistent + 2 * held * min(flat, max(BUCKET_ELEMS, counts["embedding"]))
 
     # setup: the loaded fp32 parameters, the gradient buckets and stage 1's 16-bit buffers coexist
     if lora:
@@ -367,6 +376,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora_target_modules", default="all-linear")
     p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU (GB)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: count gloo's copies of the gradient buckets in flight (NCCL works in place)")
     p.add_argument("--overhead_gb", type=float, default=2.0,
                    help="per rank beyond the tensors: CUDA context, NCCL buffers, allocator slack (GB)")
     p.add_argument("--search", action="store_true", help="list the layouts of --nproc ranks that fit, best first")
@@ -426,7 +437,7 @@ def main(argv=None) -> int:
         return 0 if found else 1
     layout = make_layout(cfg, args.nproc, args.model_parallel_size, args.sequence_parallel_size, args.zero_stage,
                          args.activation_checkpointing)
-    p = plan(cfg, layout, job, args.gpu_memory_gb, args.overhead_gb)
+    p = plan(cfg, layout, job, args.gpu_memory_gb, args.overhead_gb, args.device)
     print(json.dumps({"config": source, **p.to_dict()}) if args.json else format_plan(p, name))
     if not p.fits:
         print(f"error: {name} does not fit: {job.job} at {layout.describe()} needs {p.total / GB:.2f} GB per rank "

@@ -202,6 +202,7 @@ class GradBuckets:
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
+                bucket.handle = None  # a finished work object can hold the backend's copy (gloo: the bucket)
             if bucket.partial_group is not None:
                 lo, hi = self.reduced_range(bucket)
                 dist.all_reduce(bucket.grad.narrow(0, lo, hi - lo), group=bucket.partial_group)
