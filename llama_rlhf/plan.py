@@ -19,7 +19,8 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
 - GRPO: the frozen reference (--beta > 0, no LoRA) in the compute dtype, the rollouts' KV cache (rows x
   (max_seq_len + max(32, max_seq_len / 4)) slots, as solver_grpo allocates it), the fp32 logits and the entropy
   temporaries of the update (all completion positions of a micro-batch, at most max_new_tokens each).
-- Setup: building the optimizer holds the fp32 parameters, the gradient buckets and the 16-bit buffers at once.
+- Setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves the parameters bucket by
+  bucket into their new buffers, so the loaded fp32 copy of one bucket is all it holds beyond the training state.
 On the CPU (--device cpu) gloo's collectives add their copies of the buckets in flight.
 The peak is the largest of these phases, plus --overhead_gb (CUDA context, communication buffers, allocator
 slack: what no tensor accounts for). An impossible layout is the solvers' own error (parallel/layout.py).
@@ -229,11 +230,17 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
         phases["train step"] += flat * 4
         phases["optimizer step"] = persistent + 2 * held * min(flat, max(BUCKET_ELEMS, counts["embedding"]))
 
-    # setup: the loaded fp32 parameters, the gradient buckets and stage 1's 16-bit buffers coexist
-    if lora:
-        setup = frozen + trainable * 8 + (counts["total"] * 4 if c == 2 else 0)
+    # setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves them bucket by bucket
+    # into the new buffers (grad_buckets.flatten_parameters), so one bucket's fp32 original is the excess
+    biggest_bucket = min(trainable, BUCKET_ELEMS + max(counts["embedding"], max(
+        i * o for i, o, _ in linear_shapes(cfg, mp).values())))
+    masters = 4 / n if held == 2 else 0
+    if stage == 0:
+        setup = trainable * 8
     else:
-        setup = trainable * 8 + (flat * held if stage == 1 else 0)
+        setup = flat * (held + 4 + masters) + 4 * biggest_bucket
+    if lora:  # the base loads in fp32 and is cast to the compute dtype
+        setup += frozen + (counts["total"] * 4 if c == 2 else 0)
     phases["setup"] = setup
 
     if job.job == "grpo":

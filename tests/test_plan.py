@@ -65,13 +65,20 @@ def check_case(out_dir, case):
     dtype = getattr(torch, dtype_name)
     cfg = ModelConfig(**config)
     t0 = time.time()
-    model = build_model(cfg, ps)
-    with torch.no_grad():  # any finite values take the same memory (init_weights draws every full tensor: slow)
-        for p in model.parameters():
-            p.fill_(0.02)
+    built = []
+
+    def setup():  # the model's fp32 parameters, then the optimizer over them (profiled together: frees of
+        model = build_model(cfg, ps)  # storages made before the profiler starts would go unseen)
+        with torch.no_grad():  # any finite values take the same memory (init_weights draws full tensors: slow)
+            for p in model.parameters():
+                p.fill_(0.02)
+        built.extend([model, DistributedAdamW(model, ps, stage=stage, lr=1e-4,
+                                              param_dtype=parameter_dtype(stage, dtype))])
+
+    setup_measured, _ = profiled_peak(setup)
+    model, opt = built
     model.activation_checkpointing = ckpt
     model.train()
-    opt = DistributedAdamW(model, ps, stage=stage, lr=1e-4, param_dtype=parameter_dtype(stage, dtype))
     g = torch.Generator().manual_seed(ps.dp_rank)
     batch = [Row(torch.randint(0, cfg.vocab_size, (seq,), generator=g).tolist(),
                  torch.randint(0, cfg.vocab_size, (seq,), generator=g).tolist(), list(range(seq)), [0] * seq)
@@ -90,16 +97,22 @@ def check_case(out_dir, case):
     p = planner.plan(cfg, layout, planner.Job("sft", dtype_name, seq, rows), overhead_gb=0.0, device="cpu")
     planned = max(p.phases["train step"], p.phases.get("optimizer step", 0))
     error = planned / measured - 1
+    setup_planned = p.phases["setup"]
+    setup_error = setup_planned / setup_measured - 1
     if ps.rank == 0:
         with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump({"case": name, "layout": layout.describe(), "planned_mb": planned / 2**20,
                        "measured_mb": measured / 2**20, "held_mb": held / 2**20, "step_adds_mb": added / 2**20,
                        "left_after_step_mb": left / 2**20, "error": error,
+                       "setup_planned_mb": setup_planned / 2**20, "setup_measured_mb": setup_measured / 2**20,
+                       "setup_error": setup_error,
                        "planned_parts_mb": {k: v / 2**20 for k, v in p.parts.items()},
                        "vm_hwm_mb_before_step": hwm_before,
                        "seconds": time.time() - t0}, f)
     assert abs(error) <= TOLERANCE, f"{name}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
-    del model, opt
+    assert abs(setup_error) <= TOLERANCE, \
+        f"{name} setup: planned {setup_planned / 2**20:.1f} MiB, measured {setup_measured / 2**20:.1f} MiB"
+    del model, opt, built
 
 
 def tiny_mp2_stage0_fp32(out_dir):
@@ -131,7 +144,9 @@ def test_planner_matches_measured_peak(report, case):
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
         print(f"{case} ({r['layout']}): planned {r['planned_mb']:.1f} MiB, measured {r['measured_mb']:.1f} MiB "
-              f"(held {r['held_mb']:.1f} + step {r['step_adds_mb']:.1f}), error {100 * r['error']:+.1f}%")
+              f"(held {r['held_mb']:.1f} + step {r['step_adds_mb']:.1f}), error {100 * r['error']:+.1f}%; optimizer "
+              f"setup planned {r['setup_planned_mb']:.1f} MiB, measured {r['setup_measured_mb']:.1f} MiB, error "
+              f"{100 * r['setup_error']:+.1f}%")
     assert_check(results, case)
 
 
@@ -205,3 +220,18 @@ def test_bad_input_is_one_line_and_non_zero(args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     if "does not fit" in message:
         assert "GB per rank" in lines[0]
+
+
+def test_cpu_peak_memory_is_the_process_own():
+    """A worker's peak (metrics.peak_memory_mb on the CPU) is its own VmHWM: getrusage's ru_maxrss would report at
+    least the resident set of the process that started it (Linux carries it across fork + exec)."""
+    ballast = b"\x01" * (1536 * 2**20)  # the launcher holds 1.5 GiB
+    code = ("import resource, torch; from llama_rlhf.training.metrics import local_peak_memory_mb; "
+            "print(local_peak_memory_mb(torch.device('cpu')), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    del ballast
+    assert out.returncode == 0, out.stderr
+    own, inherited = (float(v) for v in out.stdout.split())
+    assert inherited > 1536, "ru_maxrss no longer carries the launcher's peak: the check cannot tell the two apart"
+    assert own < 1024, f"the worker reports {own:.0f} MB, its launcher's 1.5 GiB included"
