@@ -89,10 +89,11 @@ def test_sft_lora_learns_resumes_exactly_and_peft_loads_it(tiny_chat, sft_data, 
     assert d <= 1e-5 and dm <= 1e-5, (d, dm)
 
 
-def test_qlora_nf4_learns_at_mp2(tiny_chat, sft_data, tmp_path):
+def test_qlora_nf4_learns_at_mp2_with_checkpointing_and_packing(tiny_chat, sft_data, tmp_path):
     out = str(tmp_path / "qlora")
     proc = torchrun("solver_train.py", train_args(tiny_chat, sft_data, out, *LORA, "--max_steps", "16",
-                                                  "--quantize_base", "nf4", "--model_parallel_size", "2"), nproc=2)
+                                                  "--quantize_base", "nf4", "--model_parallel_size", "2",
+                                                  "--activation_checkpointing", "true", "--packing", "true"), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "0.5625 bytes/parameter" in proc.stdout
     seen = metrics(out)
@@ -123,15 +124,16 @@ def test_grpo_lora_reward_rises_with_the_adapters_off_reference(tiny_chat, tmp_p
 
 def test_generate_lora_dir_equals_the_merged_model(tiny_chat, sft_data, tmp_path):
     out = str(tmp_path / "run")
-    proc = torchrun("solver_train.py", train_args(tiny_chat, sft_data, out, *LORA, "--max_steps", "3",
-                                                  "--merge_lora", "true"), nproc=1)
+    proc = torchrun("solver_train.py", train_args(tiny_chat, sft_data, out, *LORA, "--max_steps", "6",
+                                                  "--merge_lora", "true", "--lr", "3e-2"), nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = os.path.join(out, "checkpoint-3")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?"}) + "\n" for i in range(4)))
     results = {}
     for name, extra in (("adapter", ["--ckpt_dir", tiny_chat, "--lora_dir", ckpt]),
-                        ("merged", ["--ckpt_dir", os.path.join(ckpt, "merged")])):
+                        ("merged", ["--ckpt_dir", os.path.join(ckpt, "merged")]),
+                        ("base", ["--ckpt_dir", tiny_chat])):
         logs = str(tmp_path / name)
         proc = torchrun("solver_generate.py", [*extra, "--label_file", str(prompts), "--log_dir", logs,
                                                "--max_new_tokens", "12", "--dtype", "float32", "--max_seq_len", "128",
@@ -140,6 +142,7 @@ def test_generate_lora_dir_equals_the_merged_model(tiny_chat, sft_data, tmp_path
         with open(os.path.join(logs, "results.jsonl")) as f:
             results[name] = [json.loads(line)["output"] for line in f]
     assert results["adapter"] == results["merged"] and len(results["adapter"]) == 4
+    assert results["adapter"] != results["base"], "the adapter did not change the samples: the test cannot tell"
 
 
 @pytest.mark.parametrize("flags, fragment", [
