@@ -9,7 +9,8 @@ Reward functions: accuracy, format, length, or path/to/file.py:function with the
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags,
+                            add_lora_flags, add_memory_flags, add_model_flags)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import LOSS_TYPES, SCALE_REWARDS
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     o.add_argument("--train_batch_size", type=int, default=0,
                    help="sequences per forward/backward micro-batch (default: all of this rank's rollouts)")
     add_memory_flags(o)
+    add_lora_flags(p)
     add_bool(o, "--mask_truncated_completions", False, "leave completions that hit max_new_tokens out of the loss")
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")

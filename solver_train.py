@@ -5,7 +5,8 @@
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags,
+                            add_lora_flags, add_memory_flags, add_model_flags)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.lr_schedule import SCHEDULES
@@ -35,6 +36,7 @@ def parse_args(argv=None):
                    help="micro-batches per optimizer step; the loss is the token mean over all of them")
     add_bool(o, "--activation_checkpointing", False, "recompute each layer in backward to save memory")
     add_memory_flags(o)
+    add_lora_flags(p)
     add_bool(o, "--from_scratch", False, "pretrain a new model from --config_file instead of loading --ckpt_dir")
     s = p.add_argument_group("checkpoints and logs")
     s.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")

@@ -57,6 +57,30 @@ def add_memory_flags(group) -> None:
                             "DP x SP > 1, else 0)")
 
 
+def add_lora_flags(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """LoRA / QLoRA (llama_rlhf/models/lora.py, quant.py); the sampler takes --lora_dir only. Unset flags are None
+    so that a LoRA flag without --lora_rank (or --lora_dir) is an error (training/lora_run.py)."""
+    g = parser.add_argument_group("LoRA adapters (PEFT-compatible folders)")
+    g.add_argument("--lora_dir", default=None,
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to put on "
+                        "--ckpt_dir" + (" and train further" if training else " (merged for sampling)"))
+    if not training:
+        return
+    g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning, no adapters)")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha: scaling alpha / r (default 16)")
+    g.add_argument("--lora_dropout", type=float, default=None, help="dropout on the adapter input (default 0)")
+    g.add_argument("--lora_target_modules", default=None,
+                   help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear "
+                        "(default all-linear)")
+    g.add_argument("--use_rslora", type=str2bool, nargs="?", const=True, default=None,
+                   help="rank-stabilised scaling alpha / sqrt(r) (true/false; default false)")
+    g.add_argument("--quantize_base", default=None, choices=("none", "int8", "nf4"),
+                   help="QLoRA: hold the frozen base linears weight-only quantized (default none)")
+    g.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=None,
+                   help="also write each checkpoint's merged model as an HF folder in checkpoint-N/merged "
+                        "(true/false; default false)")
+
+
 @dataclass(frozen=True)
 class LlamaRlhfFlag:
     """A flag of Llama-RLHF's solvers that is not a flag here, and what to do instead (README, "Coming from
@@ -75,8 +99,9 @@ LLAMA_RLHF_FLAGS = [
                   "checkpoint-N in --save_dir exactly where it stopped, mid-epoch too", default="0"),
     LlamaRlhfFlag("--save_optim", ("train", "grpo"), "not needed: every checkpoint keeps the optimizer state "
                   "(training_state/) so that --resume true continues exactly", refused=False),
-    LlamaRlhfFlag("--lora_dtype", ("train", "grpo"), "not needed: every trained weight is kept in fp32 and "
-                  "computed in --dtype", refused=False),
+    LlamaRlhfFlag("--lora_dtype", ("train", "grpo"), "not needed: LoRA adapters (--lora_rank, --lora_alpha, "
+                  "--lora_target_modules) are kept in fp32 and computed in --dtype; the frozen base is held in --dtype "
+                  "(or --quantize_base int8|nf4)", refused=False),
     LlamaRlhfFlag("--max_num_ckpts", ("train",), "use --save_total_limit N (keeps the newest N checkpoints)"),
     LlamaRlhfFlag("--open_fault_tolerance", ("generate",), "not available: results.jsonl is written once, at the "
                   "end, and a rerun replaces it; split a long --label_file into parts with their own --log_dir",

@@ -83,8 +83,11 @@ def hf_config_dict(cfg, source_config: str | None, dtype: torch.dtype) -> dict:
 
 
 def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir: str | None,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 2**30) -> None:
-    """Write ``model`` as an HF folder into ``out_dir`` (an existing directory). Call on every rank."""
+              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 2**30, tensors=None) -> None:
+    """Write ``model`` as an HF folder into ``out_dir`` (an existing directory). Call on every rank.
+
+    ``tensors``: (name, tensor with ``.shard``) pairs to write instead of the model's parameters (a merged LoRA
+    model: ``models.lora.merged_tensors``)."""
     shards, current, size = [], {}, 0
 
     def flush():
@@ -96,7 +99,7 @@ def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir:
             current, size = {}, 0
 
     writes = ps.dp_rank == 0 and ps.sp_rank == 0  # the MP group holding global rank 0
-    for name, param in model.named_parameters():
+    for name, param in (model.named_parameters() if tensors is None else tensors):
         if not writes:
             continue
         full = gather_full(param, ps)

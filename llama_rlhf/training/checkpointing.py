@@ -92,9 +92,10 @@ def layout_of(ps, optimizer) -> dict:
 
 def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: dict, ps, *,
                     source_config: str | None, tokenizer_dir: str | None, save_dtype: torch.dtype,
-                    keep: int | None) -> str:
+                    keep: int | None, export=None) -> str:
     """Write checkpoint-``step`` atomically (call on every rank); returns its path.
 
+    ``export(dir)`` writes the model part instead of the HF export (LoRA: a PEFT adapter folder).
     Every rank writes what it owns in parallel: its optimizer pieces (stage 1: its partition; stage 0: one rank per
     MP slice) and its RNG state."""
     tmp = os.path.join(save_dir, f".checkpoint-{step}.tmp")
@@ -104,7 +105,10 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(state_dir)
     _barrier(ps)
-    export_hf(model, ps, tmp, source_config, tokenizer_dir, save_dtype)
+    if export is None:
+        export_hf(model, ps, tmp, source_config, tokenizer_dir, save_dtype)
+    else:
+        export(tmp)
     # the fp32 masters are saved unless the exported weights are them (fp32 parameters, fp32 export)
     with_master = optimizer.separate_masters or save_dtype != torch.float32
     if optimizer.stage == 1 or (ps.dp_rank == 0 and ps.sp_rank == 0):

@@ -222,7 +222,11 @@ def global_sum(values: list[float], ps) -> list[float]:
 
 
 def load_reference(args, run: TrainingRun):
-    """The frozen initial model for the KL term, held in the compute dtype, outside the optimizer."""
+    """The frozen initial model for the KL term, held in the compute dtype, outside the optimizer (with LoRA: the
+    same model with its adapters off, no second copy)."""
+    if run.lora:
+        from ..models.lora import AdaptersOff
+        return AdaptersOff(run.model)
     reference = load_pretrained(args.ckpt_dir, run.model_type, run.ps, args.config_file,
                                 dtype=run.compute_dtype).eval()
     for p in reference.parameters():

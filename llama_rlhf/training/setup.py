@@ -21,6 +21,7 @@ from ..tokenizer import load_tokenizer, tokenizer_source
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
                             load_training_state, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
+from .lora_run import LoRARequest, export_lora, load_lora_model, lora_request
 from .metrics import MetricsLog, local_memory_mb
 from .lr_schedule import lr_at
 
@@ -61,6 +62,7 @@ class TrainingRun:
     optimizer: DistributedAdamW | None = None
     trainer_state: dict = field(default_factory=dict)  # trainer.json of the resumed checkpoint
     metrics: MetricsLog | None = None
+    lora: LoRARequest | None = None  # adapters on a frozen base (training/lora_run.py); None: full fine-tuning
 
     @classmethod
     def prepare(cls, args, ps, compute_dtype: torch.dtype) -> "TrainingRun":
@@ -70,12 +72,13 @@ class TrainingRun:
         if not tokenizer_dir:
             raise UsageError("--tokenizer_file is required with --from_scratch (no --ckpt_dir to take it from)")
         tok = load_tokenizer(tokenizer_dir, model_type=model_type)
+        lora = lora_request(args) if hasattr(args, "lora_rank") else None
         check_save_dir(args.save_dir, args.resume)
         resume_from = latest_checkpoint(args.save_dir) if args.resume else None
         if args.resume and resume_from is None:
             log(f"--resume: no checkpoint in {args.save_dir} yet, starting a new run", ps)
         return cls(args, ps, compute_dtype, model_type, tok, tokenizer_dir, resume_from,
-                   args.log_dir or args.save_dir)
+                   args.log_dir or args.save_dir, lora=lora)
 
     @property
     def start_step(self) -> int:
@@ -85,7 +88,9 @@ class TrainingRun:
         """The model (resumed, pretrained, or new), the optimizer at its zero stage, and the resumed state."""
         args, ps = self.args, self.ps
         memory_before_model = local_memory_mb(ps.device)
-        if self.resume_from:
+        if self.lora:
+            model = load_lora_model(self.lora, args, ps, self.model_type, self.compute_dtype, self.resume_from)
+        elif self.resume_from:
             model = load_pretrained(self.resume_from, self.model_type, ps)
         elif getattr(args, "from_scratch", False):
             if not args.config_file:
@@ -102,7 +107,7 @@ class TrainingRun:
         self.optimizer = DistributedAdamW(
             model, ps, stage=stage, lr=args.lr, weight_decay=args.weight_decay,
             betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
-            param_dtype=parameter_dtype(stage, self.compute_dtype))
+            param_dtype=torch.float32 if self.lora else parameter_dtype(stage, self.compute_dtype))
         keep_freed_memory(ps.device)  # after the load: steps reuse freed memory instead of page-faulting it
         if self.resume_from:
             self.trainer_state = load_training_state(self.resume_from, model, self.optimizer, ps)
@@ -126,10 +131,15 @@ class TrainingRun:
 
     def save(self, step: int, trainer_state: dict) -> str:
         args = self.args
+        export = None
+        if self.lora:
+            export = lambda out: export_lora(  # noqa: E731
+                self.model, self.ps, out, base_dir=args.ckpt_dir, source_config=export_config_source(args, None),
+                tokenizer_dir=self.tokenizer_dir, save_dtype=SAVE_DTYPES[args.save_dtype], merge=self.lora.merge)
         path = save_checkpoint(args.save_dir, step, self.model, self.optimizer,
                                {**trainer_state, "model_type": self.model_type}, self.ps,
                                source_config=export_config_source(args, self.resume_from),
                                tokenizer_dir=self.tokenizer_dir, save_dtype=SAVE_DTYPES[args.save_dtype],
-                               keep=args.save_total_limit)
+                               keep=args.save_total_limit, export=export)
         log(f"saved {path}", self.ps)
         return path
