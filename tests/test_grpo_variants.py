@@ -49,19 +49,19 @@ EVEN_IDS = ("def reward(completion, sample):\n"
     # GSPO: sequence-level ratios; two optimizer steps per rollout batch, so the second slice is off policy
     ("gspo", "--loss_type", "grpo", "--importance_sampling_level", "sequence", "--steps_per_rollout", "2",
      "--warmup_steps", "4"),
-    # CISPO: two passes over each rollout batch, with the bias-corrected KL and an entropy bonus
-    ("cispo", "--loss_type", "cispo", "--num_iterations", "2", "--beta", "0.01", "--entropy_coef", "0.001"),
+    # CISPO: two passes over each rollout batch, and an entropy bonus
+    ("cispo", "--loss_type", "cispo", "--num_iterations", "2", "--entropy_coef", "0.001"),
 ])
 def test_reward_rises_with_gspo_and_cispo(tiny_chat, tmp_path, variant):
     name, *flags = variant
-    metrics, stdout = run(tiny_chat, tmp_path, name, EVEN_IDS, "--max_steps", "12", *flags)
+    metrics, stdout = run(tiny_chat, tmp_path, name, EVEN_IDS, "--max_steps", "8", *flags)
     rewards = [m["reward_mean"] for m in metrics]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    print(f"{name}: mean reward of the first 3 steps {first:.3f}, of the last 3 {last:.3f}")
+    print(f"{name}: mean reward of the first 3 steps {first:.3f}, of the last 3 {last:.3f}: "
+          + " ".join(f"{r:.2f}" for r in rewards))
     assert last >= first + 0.2, f"{name}: mean reward did not rise: {rewards}"
     assert all(m["skipped_steps"] == 0 for m in metrics)
+    assert f"loss {flags[1]} ({'sequence' if name == 'gspo' else 'token'} ratios)" in stdout
     if name == "gspo":  # the schedule counts optimizer steps (2 per rollout step): the lr of each step's last
         assert [m["lr"] for m in metrics[:3]] == [0.5e-2, 1e-2, 1e-2]
         assert any(m["clip_low"] + m["clip_high"] > 0 for m in metrics), "the off-policy slice never clipped"
-    else:
-        assert all(m["kl"] > 0 for m in metrics[1:])
