@@ -306,3 +306,19 @@ def test_reward_specs_and_user_functions(tmp_path):
         build_rewards(f"{user}:g", None)
     with pytest.raises(UsageError, match="raised KeyError"):
         score(build_rewards(f"{user}:bad", None), "x", {})
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--steps_per_rollout", "3"], "--steps_per_rollout 3 must divide the rollouts of a rank per step "
+                                   "(--max_batch_size 4 x --num_samples_per_prompt 2 = 8)"),
+    (["--steps_per_rollout", "0"], "--steps_per_rollout must be >= 1"),
+    (["--delta", "1.2", "--epsilon_high", "0.28"], "--delta 1.2 must exceed 1 + --epsilon_high (1.28)"),
+    (["--loss_type", "sapo", "--sapo_temperature_neg", "0"], "--sapo_temperature_neg must be > 0"),
+    (["--loss_type", "cispo", "--cispo_epsilon_max", "-1"], "--cispo_epsilon_max must be > 0"),
+])
+def test_bad_loss_flags_are_one_line_errors(flags, fragment):
+    from solver_grpo import parse_args
+    base = ["--ckpt_dir", "c", "--train_file", "t.jsonl", "--save_dir", "o", "--num_samples_per_prompt", "2"]
+    with pytest.raises(UsageError) as err:
+        parse_args(base + flags)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
