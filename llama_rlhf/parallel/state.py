@@ -14,21 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
-class LayoutError(ValueError):
-    """An impossible parallel layout (raised identically on every rank, before any collective)."""
-
-
-def check_layout(world_size: int, mp: int, sp: int) -> int:
-    """Return DP = world / (MP * SP), or raise a LayoutError naming the numbers and the flags."""
-    if mp < 1 or sp < 1:
-        raise LayoutError(f"--model_parallel_size ({mp}) and --sequence_parallel_size ({sp}) must be >= 1")
-    if world_size % (mp * sp) != 0:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by --model_parallel_size {mp} x "
-            f"--sequence_parallel_size {sp} = {mp * sp}; choose sizes whose product divides {world_size}"
-        )
-    return world_size // (mp * sp)
+from .layout import LayoutError, check_layout  # noqa: F401 (LayoutError: re-exported)
 
 
 def rank_grid(world_size: int, mp: int, sp: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..tokenizer import load_tokenizer, tokenizer_source
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
                             load_training_state, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
-from .metrics import MetricsLog
+from .metrics import MetricsLog, local_memory_mb
 from .lr_schedule import lr_at
 
 
@@ -84,6 +84,7 @@ class TrainingRun:
     def load_model(self):
         """The model (resumed, pretrained, or new), the optimizer at its zero stage, and the resumed state."""
         args, ps = self.args, self.ps
+        memory_before_model = local_memory_mb(ps.device)
         if self.resume_from:
             model = load_pretrained(self.resume_from, self.model_type, ps)
         elif getattr(args, "from_scratch", False):
@@ -108,7 +109,7 @@ class TrainingRun:
             log(f"resumed from {self.resume_from} at step {self.start_step}", ps)
         if ps.rank == 0:
             os.makedirs(args.save_dir, exist_ok=True)
-        self.metrics = MetricsLog(self.log_dir, ps)
+        self.metrics = MetricsLog(self.log_dir, ps, memory_before_model)
         return model
 
     def describe(self) -> str:
