@@ -44,7 +44,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     compute_dtype = parse_dtype(args.dtype)
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, timeout_minutes=12 * 60)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.batch_generate import run_generation
     from llama_rlhf.models.families import detect_model_type, get_family

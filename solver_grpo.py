@@ -85,7 +85,7 @@ def main():
     args = parse_args()
     from llama_rlhf.training.rewards import build_rewards
     build_rewards(args.reward_funcs, args.reward_weights)  # a bad spec fails on every rank before start-up
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.training.grpo import train_grpo
     path = train_grpo(args, ps, parse_dtype(args.dtype))

@@ -55,7 +55,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.training.sft import train
     path = train(args, ps, parse_dtype(args.dtype))

@@ -39,6 +39,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bfloat16",
                    help="compute dtype: bfloat16 (default), float16 or float32; master weights stay fp32")
     g.add_argument("--seed", type=int, default=1234, help="random seed (data order, sampling, init)")
+    g.add_argument("--distributed_timeout_minutes", type=float, default=30.0,
+                   help="longest wait in any collective (and the start-up rendezvous) before every rank exits "
+                        "naming this flag: a hung or stopped peer ends the job instead of holding it (fractions "
+                        "allowed; default 30)")
 
 
 def add_chat_flags(parser: argparse.ArgumentParser) -> None:
