@@ -5,6 +5,8 @@ final weights must be equal bit for bit (fp32, same layout).
 """
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llama_rlhf.parallel.state import single_process_state
+from llama_rlhf.training.checkpointing import checkpoint_problem
 from tests.distributed import free_port
 from tests.hf_reference import write_tiny_chat_model
 from tests.launch import ROOT, _env, launch_ranks
@@ -60,9 +64,9 @@ def mpi_free_env():
     return env
 
 
-def start(cmd, env=None):
+def start(cmd, env=None, preexec_fn=None):
     return subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=preexec_fn)
 
 
 def finish(proc, timeout=240):
@@ -160,3 +164,105 @@ def test_worker_killed_under_max_restarts_completes_like_an_uninterrupted_run(ti
     assert code == 0, err[-3000:]
     assert "resumed from" in out_text and "lost a peer" in err
     assert_same_run(out, reference)  # the steps after checkpoint-2 that the first round logged were dropped
+
+
+def test_stopped_peer_ends_the_job_within_the_timeout(tiny_model, small_data, tmp_path):
+    """A worker stopped with SIGSTOP: its peer's collective times out after 0.5 minutes and names the flag; torchrun
+    then ends the stopped worker (SIGKILL after its 30 s shutdown wait)."""
+    out = str(tmp_path / "run")
+    args = train_args(tiny_model, small_data, out, "--distributed_timeout_minutes", "0.5", "--epochs", "1000")
+    proc = start(torchrun_cmd(args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:]))
+    wait_for(lambda: steps_logged(out) >= 1, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGSTOP)
+    t0 = time.time()
+    code, _, err = finish(proc, timeout=120)
+    gone_in = time.time() - t0
+    assert code != 0
+    assert gone_in <= 90, f"the job held on for {gone_in:.0f}s"
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    lines = [line for line in err.splitlines() if "timed out after --distributed_timeout_minutes 0.5" in line]
+    assert lines and lines[0].startswith("[rank 0] error: a collective ("), err[-3000:]
+    print(f"SIGSTOP: every process gone {gone_in:.0f}s after the stop; {lines[0]}")
+
+
+def free_space_run(tiny_model, small_data, save_dir, steps, **env):
+    args = train_args(tiny_model, small_data, save_dir, "--save_steps", "2")
+    args[args.index("--max_steps") + 1] = str(steps)
+    return launch_ranks_env("solver_train.py", args, env)
+
+
+def launch_ranks_env(script, args, env):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return launch_ranks(script, args, world=2, timeout=180)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_full_disk_and_failed_writes_leave_earlier_checkpoints_intact(tiny_model, small_data, tmp_path):
+    out = str(tmp_path / "run")
+    results = free_space_run(tiny_model, small_data, out, 2)
+    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
+    good = os.path.join(out, "checkpoint-2")
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(good) for f in fs)
+
+    # the free-space check: nothing written, both numbers on every rank
+    results = free_space_run(tiny_model, small_data, out, 4, LLAMA_RLHF_FREE_BYTES="1000000")
+    expect_failure_on_every_rank(results, "checkpoint-4 needs about", f"but {out} has 1.0 MiB (1,000,000 bytes) free",
+                                 "--save_total_limit")
+    needed = int(results[0].stderr.split("needs about ")[1].split("(")[1].split(" bytes")[0].replace(",", ""))
+    assert abs(needed - on_disk) <= 0.01 * on_disk, (needed, on_disk)  # the estimate is within 1% of a real save
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+
+    # a write that fails anyway (a 20 MB file-size limit: EFBIG): the path, the bytes, the OS error
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
+
+    proc = start(torchrun_cmd(train_args(tiny_model, small_data, out, "--save_steps", "2")),
+                 preexec_fn=limit_file_size)
+    code, _, err = finish(proc)
+    assert code != 0
+    for rank in (0, 1):
+        line = next(line for line in err.splitlines() if line.startswith(f"[rank {rank}] error: could not write "))
+        assert "/.checkpoint-4.tmp/" in line and " bytes): " in line and "File too large" in line, line
+        assert "checkpoint-4 not saved (removed" in line and "earlier checkpoints are intact" in line, line
+    assert "Traceback" not in err.split("[rank")[1]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert checkpoint_problem(good, single_process_state()) is None
+    print(f"disk: estimate {needed:,} bytes vs {on_disk:,} on disk")
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_model, small_data, reference, tmp_path):
+    out = str(tmp_path / "run")
+    results = free_space_run(tiny_model, small_data, out, 4)
+    assert all(r.returncode == 0 for r in results), results[0].stderr[-3000:]
+    ps = single_process_state()
+    damaged = os.path.join(out, "checkpoint-4", "training_state", "optim-00001.pt")
+    size = os.path.getsize(damaged)
+    with open(damaged, "r+b") as f:
+        f.truncate(size // 2)
+    assert checkpoint_problem(os.path.join(out, "checkpoint-4"), ps) == \
+        f"training_state/optim-00001.pt: {size // 2:,} bytes, the manifest says {size:,}"
+    # a flipped byte keeps the size: the checksum finds it
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(out, "checkpoint-2"), copy)
+    with open(os.path.join(copy, "model.safetensors"), "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert checkpoint_problem(copy, ps) == "model.safetensors: its CRC-32 differs from the manifest's"
+
+    code, out_text, err = finish(start(torchrun_cmd(train_args(tiny_model, small_data, out))))
+    assert code == 0, err[-3000:]
+    assert (f"warning: {out}/checkpoint-4 is damaged (training_state/optim-00001.pt: {size // 2:,} bytes, the "
+            f"manifest says {size:,}); resuming from {out}/checkpoint-2 instead") in out_text, out_text[-3000:]
+    assert f"resumed from {out}/checkpoint-2 at step 2" in out_text
+    assert_same_run(out, reference)

@@ -18,8 +18,8 @@ from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.cpu_allocator import keep_freed_memory
 from ..runtime import Stopped, UsageError, log
 from ..tokenizer import load_tokenizer, tokenizer_source
-from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
-                            load_training_state, save_checkpoint)
+from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, load_training_state,
+                            resume_checkpoint, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
 from .metrics import MetricsLog
 from .preemption import StopRequests, stop_message
@@ -74,7 +74,7 @@ class TrainingRun:
             raise UsageError("--tokenizer_file is required with --from_scratch (no --ckpt_dir to take it from)")
         tok = load_tokenizer(tokenizer_dir, model_type=model_type)
         check_save_dir(args.save_dir, args.resume)
-        resume_from = latest_checkpoint(args.save_dir) if args.resume else None
+        resume_from = resume_checkpoint(args.save_dir, ps) if args.resume else None
         if args.resume and resume_from is None:
             log(f"--resume: no checkpoint in {args.save_dir} yet, starting a new run", ps)
         run = cls(args, ps, compute_dtype, model_type, tok, tokenizer_dir, resume_from, args.log_dir or args.save_dir)
