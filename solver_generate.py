@@ -9,7 +9,7 @@ Writes LOGS/results.jsonl: one line per input line, in input order, with "output
 import argparse
 import os
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_model_flags
+from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_model_flags, check_numbers
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     s.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
     add_llama_rlhf_flags(p, "generate")
     args = p.parse_args(argv)
+    check_numbers(args)
     if not args.ckpt_dir:
         raise UsageError("--ckpt_dir is required (the checkpoint to sample from)")
     if args.max_batch_size < 1:

@@ -9,7 +9,8 @@ Reward functions: accuracy, format, length, or path/to/file.py:function with the
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags,
+                            check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import LOSS_TYPES, SCALE_REWARDS
@@ -69,6 +70,11 @@ def parse_args(argv=None):
     c.add_argument("--log_completions_steps", type=int, default=10, help="print sample completions every N steps")
     add_llama_rlhf_flags(p, "grpo")
     args = p.parse_args(argv)
+    check_numbers(args)
+    if args.num_samples_per_prompt < 2:
+        raise UsageError(f"--num_samples_per_prompt {args.num_samples_per_prompt}: GRPO compares each sample with "
+                         f"the other samples of its prompt, so one sample has no group (every advantage would be 0 "
+                         f"and nothing learned); pass --num_samples_per_prompt 2 or more (8 is usual)")
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     if not args.ckpt_dir:

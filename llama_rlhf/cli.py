@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 
@@ -59,6 +60,40 @@ def add_memory_flags(group) -> None:
                        help="0: every DP x SP rank holds the whole optimizer state; 1: fp32 masters and AdamW moments "
                             "partitioned over DP x SP, parameters held in the compute dtype (default: 1 when "
                             "DP x SP > 1, else 0)")
+
+
+# flag -> (test, what it must be): checked when the flags are parsed, for the flags a solver has.
+NUMBER_RULES = {
+    "lr": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "max_steps": (lambda v: v >= 0, ">= 0 (0: all epochs)"),
+    "save_steps": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "save_total_limit": (lambda v: v >= 0, ">= 0 (0: keep all)"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "num_samples_per_prompt": (lambda v: v >= 1, ">= 1"),
+    "beta": (lambda v: v >= 0, ">= 0 (0: no KL term)"),
+    "epsilon": (lambda v: v >= 0, ">= 0"),
+    "epsilon_high": (lambda v: v >= 0, ">= 0"),
+    "distributed_timeout_minutes": (lambda v: v > 0, "> 0 (minutes; fractions allowed)"),
+}
+
+
+def check_numbers(args) -> None:
+    """Refuse impossible optimizer, sampling and run flags at parse time: a UsageError naming the flag and value."""
+    from .runtime import UsageError
+    for name, (ok, rule) in NUMBER_RULES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"--{name} {value} is not valid: it must be {rule}")
 
 
 @dataclass(frozen=True)

@@ -266,3 +266,61 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_model, sm
             f"manifest says {size:,}); resuming from {out}/checkpoint-2 instead") in out_text, out_text[-3000:]
     assert f"resumed from {out}/checkpoint-2 at step 2" in out_text
     assert_same_run(out, reference)
+
+
+def broken_json_copy(src, dst, name):
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, name), "w") as f:
+        f.write('{"model_type": "llama",\n  "oops"\n')
+    return dst
+
+
+PARSE_ERRORS = [
+    ("solver_train", ["--lr", "-1"], "--lr -1.0 is not valid: it must be >= 0"),
+    ("solver_train", ["--adam_beta1", "1"], "--adam_beta1 1.0 is not valid: it must be in [0, 1)"),
+    ("solver_train", ["--adam_beta2", "-0.5"], "--adam_beta2 -0.5 is not valid: it must be in [0, 1)"),
+    ("solver_train", ["--weight_decay", "nan"], "--weight_decay nan is not valid: it must be >= 0"),
+    ("solver_train", ["--max_grad_norm", "-1"], "--max_grad_norm -1.0 is not valid: it must be >= 0 (0: no clipping)"),
+    ("solver_train", ["--distributed_timeout_minutes", "0"], "--distributed_timeout_minutes 0.0 is not valid"),
+    ("solver_grpo", ["--epsilon", "-0.2"], "--epsilon -0.2 is not valid: it must be >= 0"),
+    ("solver_grpo", ["--top_p", "1.5"], "--top_p 1.5 is not valid: it must be in (0, 1] (1: off)"),
+    ("solver_grpo", ["--lr", "inf"], "--lr inf is not valid"),
+    ("solver_generate", ["--top_k", "-2"], "--top_k -2 is not valid: it must be >= 0 (0: off)"),
+    ("solver_generate", ["--temperature", "-1"], "--temperature -1.0 is not valid: it must be >= 0 (0: greedy)"),
+    ("solver_generate", ["--max_new_tokens", "0"], "--max_new_tokens 0 is not valid: it must be >= 1"),
+]
+
+
+def test_invalid_numbers_are_refused_when_parsed():
+    import importlib
+
+    from llama_rlhf.runtime import UsageError
+    required = {"solver_train": ["--ckpt_dir", "c", "--train_file", "t", "--save_dir", "s"],
+                "solver_grpo": ["--ckpt_dir", "c", "--train_file", "t", "--save_dir", "s"],
+                "solver_generate": ["--ckpt_dir", "c", "--label_file", "t", "--log_dir", "s"]}
+    for solver, flags, message in PARSE_ERRORS:
+        with pytest.raises(UsageError) as info:
+            importlib.import_module(solver).parse_args(required[solver] + flags)
+        assert str(info.value) == message or str(info.value).startswith(message), (flags, str(info.value))
+    for solver, flags in required.items():  # the defaults pass, fractions of a minute too
+        importlib.import_module(solver).parse_args(flags + ["--distributed_timeout_minutes", "0.5"])
+
+
+@pytest.mark.parametrize("solver, extra, fragments", [
+    ("solver_grpo.py", ["--num_samples_per_prompt", "1"], ["--num_samples_per_prompt 1: GRPO compares",
+                                                          "--num_samples_per_prompt 2 or more"]),
+    ("solver_train.py", ["config.json"], ["config.json: not valid JSON", "line 3 column 1"]),
+    ("solver_train.py", ["tokenizer_config.json"], ["tokenizer_config.json: not valid JSON", "line 3 column 1"]),
+], ids=["grpo_group_of_one", "config_json", "tokenizer_config_json"])
+def test_bad_input_is_one_line_on_every_rank(solver, extra, fragments, tiny_model, small_data, tmp_path):
+    ckpt = tiny_model
+    if extra[0].endswith(".json"):
+        ckpt, extra = broken_json_copy(tiny_model, str(tmp_path / "ckpt"), extra[0]), []
+    out = str(tmp_path / "out")
+    t0 = time.time()
+    results = launch_ranks(solver, ["--ckpt_dir", ckpt, "--model_type", "llama-hf", "--train_file", small_data,
+                                    "--save_dir", out, *extra], world=2, timeout=60)
+    expect_failure_on_every_rank(results, *fragments)
+    for r in results:
+        assert "Traceback" not in r.stderr and len([x for x in r.stderr.splitlines() if "error" in x]) == 1, r.stderr
+    assert time.time() - t0 < 60
