@@ -42,6 +42,11 @@ if [ "$#" -eq 0 ]; then
     --max_seq_len 256 --max_batch_size 8 --epochs 1 --lr 1e-4 --warmup_steps 4 --lr_scheduler cosine
 fi
 
+# Preemption: mpirun forwards SIGUSR1 (SLURM sends it ahead of the time limit) to this script, and torchrun passes it
+# on to its workers, which finish the step, save and exit; give them time to save before torchrun's SIGKILL.
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+
 cmd=("${PYTHON:-python3}" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
   --nproc_per_node "$NPROC_PER_NODE" --master_addr "$master_addr" --master_port "$master_port"
   "$repo/solver_train.py" "$@")
