@@ -116,11 +116,20 @@ def assert_same_run(save_dir, reference):
         assert torch.equal(final[key], weights[key]), f"{key} differs from the uninterrupted run"
 
 
-def interrupt_and_resume(cmd, save_dir, sig, env=None):
-    """Start ``cmd``, send ``sig`` to the launcher after the first step, check the stop, then resume to the end."""
+def workers_of(proc) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                           text=True).stdout.split()]
+
+
+def interrupt_and_resume(cmd, save_dir, sig, env=None, one_worker=False):
+    """Start ``cmd``, send ``sig`` to the launcher (or to its last worker only) after the first step, check the
+    stop, then resume to the end."""
     proc = start(cmd, env)
     wait_for(lambda: steps_logged(save_dir) >= 1, proc)
-    proc.send_signal(sig)
+    if one_worker:
+        os.kill(workers_of(proc)[-1], sig)
+    else:
+        proc.send_signal(sig)
     t0 = time.time()
     code, out, err = finish(proc)
     stopped_in = time.time() - t0
@@ -139,10 +148,30 @@ def interrupt_and_resume(cmd, save_dir, sig, env=None):
     print(f"{name}: stopped after step {step} in {stopped_in:.1f}s, resumed to step {STEPS}")
 
 
-def test_sigterm_under_torchrun_saves_and_resumes_exactly(tiny_model, small_data, reference, tmp_path):
+def test_sigterm_to_one_worker_under_torchrun_stops_every_rank_and_resumes_exactly(tiny_model, small_data,
+                                                                                   reference, tmp_path):
+    """Only rank 1 gets the signal (as when it reaches one node): rank 0 learns of it from the per-step
+    all-reduce, both save the same step (a complete checkpoint needs both), and rank 0 says where."""
     out = str(tmp_path / "run")
-    interrupt_and_resume(torchrun_cmd(train_args(tiny_model, small_data, out)), out, signal.SIGTERM)
+    interrupt_and_resume(torchrun_cmd(train_args(tiny_model, small_data, out)), out, signal.SIGTERM,
+                         one_worker=True)
     assert_same_run(out, reference)
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+    from llama_rlhf.training import preemption
+    exits, now = [], [100.0]
+    monkeypatch.setattr(preemption.os, "_exit", exits.append)
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    stop = preemption.StopRequests()
+    stop._on_signal(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM and not exits
+    now[0] += 0.5  # a launcher forwarding the same request: still one request
+    stop._on_signal(signal.SIGTERM, None)
+    assert not exits
+    now[0] += 2.0
+    stop._on_signal(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
 
 
 def test_sigusr1_under_direct_mpirun_saves_and_resumes_exactly(tiny_model, small_data, reference, tmp_path):
@@ -158,8 +187,7 @@ def test_worker_killed_under_max_restarts_completes_like_an_uninterrupted_run(ti
     out = str(tmp_path / "run")
     proc = start(torchrun_cmd(train_args(tiny_model, small_data, out, "--save_steps", "2"), "--max_restarts", "1"))
     wait_for(lambda: steps_logged(out) >= 3, proc)
-    worker = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[-1])
-    os.kill(worker, signal.SIGKILL)
+    os.kill(workers_of(proc)[-1], signal.SIGKILL)
     code, out_text, err = finish(proc)
     assert code == 0, err[-3000:]
     assert "resumed from" in out_text and "lost a peer" in err
@@ -173,8 +201,8 @@ def test_stopped_peer_ends_the_job_within_the_timeout(tiny_model, small_data, tm
     args = train_args(tiny_model, small_data, out, "--distributed_timeout_minutes", "0.5", "--epochs", "1000")
     proc = start(torchrun_cmd(args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:]))
     wait_for(lambda: steps_logged(out) >= 1, proc)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    os.kill(int(workers[-1]), signal.SIGSTOP)
+    workers = workers_of(proc)
+    os.kill(workers[-1], signal.SIGSTOP)
     t0 = time.time()
     code, _, err = finish(proc, timeout=120)
     gone_in = time.time() - t0
