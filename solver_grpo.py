@@ -9,8 +9,8 @@ Reward functions: accuracy, format, length, or path/to/file.py:function with the
 """
 import argparse
 
-from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags,
-                            add_lora_flags, add_memory_flags, add_model_flags)
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_lora_flags, add_memory_flags,
+                            add_model_flags, check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALE_REWARDS
@@ -94,6 +94,11 @@ def parse_args(argv=None):
     c.add_argument("--log_completions_steps", type=int, default=10, help="print sample completions every N steps")
     add_llama_rlhf_flags(p, "grpo")
     args = p.parse_args(argv)
+    check_numbers(args)
+    if args.num_samples_per_prompt < 2:
+        raise UsageError(f"--num_samples_per_prompt {args.num_samples_per_prompt}: GRPO compares each sample with "
+                         f"the other samples of its prompt, so one sample has no group (every advantage would be 0 "
+                         f"and nothing learned); pass --num_samples_per_prompt 2 or more (8 is usual)")
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     if not args.ckpt_dir:
@@ -121,7 +126,7 @@ def main():
     args = parse_args()
     from llama_rlhf.training.rewards import build_rewards
     build_rewards(args.reward_funcs, args.reward_weights)  # a bad spec fails on every rank before start-up
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.training.grpo import train_grpo
     path = train_grpo(args, ps, parse_dtype(args.dtype))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 
@@ -39,6 +40,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bfloat16",
                    help="compute dtype: bfloat16 (default), float16 or float32; master weights stay fp32")
     g.add_argument("--seed", type=int, default=1234, help="random seed (data order, sampling, init)")
+    g.add_argument("--distributed_timeout_minutes", type=float, default=30.0,
+                   help="longest wait in any collective (and the start-up rendezvous) before every rank exits "
+                        "naming this flag: a hung or stopped peer ends the job instead of holding it (fractions "
+                        "allowed; default 30)")
 
 
 def add_chat_flags(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +84,38 @@ def add_lora_flags(parser: argparse.ArgumentParser, training: bool = True) -> No
     g.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=None,
                    help="also write each checkpoint's merged model as an HF folder in checkpoint-N/merged "
                         "(true/false; default false)")
+# flag -> (test, what it must be): checked when the flags are parsed, for the flags a solver has.
+NUMBER_RULES = {
+    "lr": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "max_steps": (lambda v: v >= 0, ">= 0 (0: all epochs)"),
+    "save_steps": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "save_total_limit": (lambda v: v >= 0, ">= 0 (0: keep all)"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "num_samples_per_prompt": (lambda v: v >= 1, ">= 1"),
+    "beta": (lambda v: v >= 0, ">= 0 (0: no KL term)"),
+    "epsilon": (lambda v: v >= 0, ">= 0"),
+    "epsilon_high": (lambda v: v >= 0, ">= 0"),
+    "distributed_timeout_minutes": (lambda v: v > 0, "> 0 (minutes; fractions allowed)"),
+}
+
+
+def check_numbers(args) -> None:
+    """Refuse impossible optimizer, sampling and run flags at parse time: a UsageError naming the flag and value."""
+    from .runtime import UsageError
+    for name, (ok, rule) in NUMBER_RULES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"--{name} {value} is not valid: it must be {rule}")
 
 
 @dataclass(frozen=True)

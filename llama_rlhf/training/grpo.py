@@ -384,6 +384,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                         f"{r.text[:300]!r}")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
             path = save(step + 1)
+        run.stop_if_requested(step + 1, last_step, save)
     if last_step > start_step or path is None:
         path = save(last_step)
     return path

@@ -76,3 +76,15 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return record
+
+    def drop_after(self, step: int) -> None:
+        """Forget the records of steps after ``step`` (a resume redoes them: a crashed round logged some)."""
+        if self.ps.rank != 0 or not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
