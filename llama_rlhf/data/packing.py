@@ -43,12 +43,13 @@ def row_starts(lengths: np.ndarray, max_len: int, packing: bool, bounds=None) ->
         return np.arange(n + 1, dtype=np.int64)
     breaks = set(int(b) for b in bounds) if bounds is not None else set()
     starts, used = array("q"), 0
-    for i, length in enumerate(lengths.tolist()):
-        if starts and used + length <= max_len and i not in breaks:
-            used += length
-        else:
-            starts.append(i)
-            used = length
+    for c in range(0, n, 1 << 16):  # chunks: no Python list of every length at once
+        for i, length in enumerate(lengths[c:c + (1 << 16)].tolist(), start=c):
+            if starts and used + length <= max_len and i not in breaks:
+                used += length
+            else:
+                starts.append(i)
+                used = length
     starts.append(n)
     return np.frombuffer(starts, dtype=np.int64)
 
