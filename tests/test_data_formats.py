@@ -41,10 +41,10 @@ def test_every_format_equals_its_messages_line(tok):
         assert arrays(tok, obj) == reference, name
         fmt = {"sharegpt": "sharegpt", "prompt/completion lists": "prompt_completion"}.get(name, "alpaca")
         assert arrays(tok, obj, fmt=fmt) == reference, f"{name} with --data_format {fmt}"
+    # a string prompt/completion (TRL's standard format) is continued exactly as written: no template, no newline
     strings = {"prompt": "Add 2 and 3.\n2 3", "completion": "5"}
-    assert arrays(tok, strings) == arrays(tok, {"messages": CHAT[1:]})
-    # without a chat template a string prompt/completion is continued exactly as written (no added newline)
-    ids, labels = arrays(tok, strings, chat=False)
+    ids, labels = arrays(tok, strings, chat=True)
+    assert (ids, labels) == arrays(tok, strings, chat=False)
     p, c = tok.encode("Add 2 and 3.\n2 3", add_bos=tok.adds_bos), tok.encode("5") + [tok.eos_id]
     assert ids == p + c and labels == [-100] * (len(p) - 1) + c + [-100]
     # ... and an alpaca line is "system\n\ninstruction\ninput\n" then the output

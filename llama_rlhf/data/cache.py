@@ -62,15 +62,38 @@ def tokenizer_fingerprint(tok) -> dict:
             "names": tok.token_names}
 
 
-def cache_key(sources: list[str], tok, options: dict) -> str:
-    """SHA-256 over the sources' bytes, the tokenizer and the options that shape the ids."""
-    files = []
-    for src in sources:
-        h = hashlib.sha256()
+def _content_blocks(sources: list[str]) -> list[tuple[int, str, int]]:
+    """Every (source index, file, block index) of the sources' bytes, in a fixed order."""
+    out = []
+    for s, src in enumerate(sources):
         for path in source_files(src):
-            h.update(os.path.relpath(path, src).encode() if os.path.isdir(src) else b"")
-            _hash_file(h, path)
-        files.append(h.hexdigest())
+            out += [(s, path, j) for j in range(max(1, -(-os.path.getsize(path) // BLOCK)))]
+    return out
+
+
+def _block_digests(blocks, mine) -> dict[int, str]:
+    """SHA-256 of the listed blocks (indices into ``blocks``)."""
+    out, buf = {}, bytearray(BLOCK)
+    for i in mine:
+        _, path, j = blocks[i]
+        with open(path, "rb") as f:
+            f.seek(j * BLOCK)
+            got = f.readinto(buf)
+        out[i] = hashlib.sha256(memoryview(buf)[:got]).hexdigest()
+    return out
+
+
+def cache_key(sources: list[str], tok, options: dict, share: tuple[int, int] = (0, 1)) -> str:
+    """SHA-256 over the sources' bytes, the tokenizer and the options that shape the ids. The sources are hashed
+    in 16 MiB blocks, split over the ranks of ``share`` (every rank calls it); the key does not depend on that."""
+    blocks = _content_blocks(sources)
+    rank, world = share
+    mine = _block_digests(blocks, range(rank, len(blocks), world))
+    digests = {}
+    for part in (_gather(mine) if world > 1 else [mine]):
+        digests.update(part)
+    files = [[os.path.relpath(path, src) if os.path.isdir(src) else "", j, digests[i]]
+             for i, ((s, path, j), src) in enumerate((b, sources[b[0]]) for b in blocks)]
     blob = json.dumps({"version": VERSION, "files": files, "tokenizer": tokenizer_fingerprint(tok),
                        "options": options}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -233,7 +256,7 @@ def open_cache(sources: list[str], tok, options: dict, root: str, log=print) -> 
     """The cache of ``sources`` under ``root``: mapped when it is there and intact, else (re)built first.
     Every rank calls it; returns the same TokenCache on every rank."""
     rank, world = _world()
-    key = _gather(cache_key(sources, tok, options) if rank == 0 else None)[0]
+    key = cache_key(sources, tok, options, (rank, world))
     folder = os.path.join(root, key)
     problems = _gather(_check_share(folder, rank, world))
     problem = next((p for p in problems if p), None)

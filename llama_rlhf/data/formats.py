@@ -126,3 +126,41 @@ def to_record(obj: dict, fmt: str, where: str) -> Record:
         raise DataError(f"{where}: '{ {'sharegpt': 'conversations'}.get(fmt, 'messages') }' has no assistant "
                         f"turn to train on")
     return record
+
+
+def prompt_record(obj: dict, where: str) -> Record:
+    """A prompt to continue (solver_generate, GRPO): the conversation without its trailing assistant turns (the
+    reference answer, kept in ``raw[1]``), or a plain string ``prompt``, continued exactly as written."""
+    if "prompt" in obj and isinstance(obj["prompt"], str):
+        completion = obj.get("completion")
+        return Record("prompt_completion", raw=(obj["prompt"], completion if isinstance(completion, str) else None))
+    if "prompt" in obj:
+        messages = _check_messages(obj["prompt"], where, "prompt")
+    elif "messages" in obj:
+        messages = _check_messages(obj["messages"], where)
+    elif "conversations" in obj:
+        messages = _sharegpt(obj, where)
+    elif "instruction" in obj:
+        instruction = obj["instruction"]
+        if isinstance(instruction, list) and all(isinstance(v, str) for v in instruction):
+            instruction = "\n".join(instruction)
+        if not isinstance(instruction, str):
+            raise DataError(f"{where}: expected an 'instruction' string or a 'messages' list")
+        extra = obj.get("input")
+        system = obj.get("system")
+        if system is not None and not isinstance(system, str):
+            raise DataError(f"{where}: 'system' must be a string")
+        user = f"{instruction}\n{extra}" if isinstance(extra, str) and extra else instruction
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    else:
+        raise DataError(f"{where}: expected an 'instruction' string or a 'messages' list (or sharegpt "
+                        f"'conversations', or a 'prompt'); got keys {sorted(obj)[:8]}")
+    reference = None
+    while messages and messages[-1]["role"] == "assistant":  # the reference answer
+        reference = messages[-1]["content"] if reference is None else reference
+        messages = messages[:-1]
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(f"{where}: 'messages' has no user turn to answer")
+    if reference is None and isinstance(obj.get("output"), str):
+        reference = obj["output"]
+    return Record("prompt", messages, raw=(None, reference))

@@ -131,7 +131,7 @@ def sample_arrays(obj: dict, tok, use_chat_template: bool, system_prompt: str | 
         ids = tok.encode(record.text, add_bos=tok.adds_bos) + [tok.eos_id]
         trained = [False] + [True] * (len(ids) - 1)
     else:
-        if use_chat_template:
+        if use_chat_template and record.raw is None:
             pieces = _chat_pieces(tok, record.messages, system_prompt, where)
         else:
             pieces = _plain_pieces(record, where)
