@@ -43,6 +43,7 @@ def parse_args(argv=None):
     s.add_argument("--log_steps", type=int, default=1, help="print a progress line every N steps")
     add_llama_rlhf_flags(p, "train")
     args = p.parse_args(argv)
+    args.packing = args.packing or args.stream_packing  # streamed rows hold several documents: keep them apart
     for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -65,6 +65,8 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--eval_file", default=None, help="evaluated every --eval_steps steps (token-mean loss)")
     d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
     add_bool(d, "--packing", False, "pack several samples per row (positions reset, no attention across samples)")
+    add_bool(d, "--stream_packing", False, "pretraining: cut the token stream of all samples (none truncated) into "
+             "rows of exactly --max_seq_len tokens; a document may continue in the next row")
 
 
 def add_memory_flags(group) -> None:

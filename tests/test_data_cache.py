@@ -205,3 +205,26 @@ def test_per_rank_memory_is_flat_in_the_dataset_size(tmp_path):
     large, n_rows = growth(200_000)
     print(f"\nRSS growth per rank: {small:.1f} MB at 2k samples, {large:.1f} MB at 200k samples ({n_rows} packed rows)")
     assert large < 16 and large - small < 12, (small, large)
+
+
+def test_stream_packing_cuts_the_whole_token_stream_into_full_rows(tok, tmp_path):
+    from llama_rlhf.data.packing import StreamRows
+    texts = [" ".join(f"w{i}_{k}" for k in range(n)) for i, n in enumerate([3, 40, 7, 90, 1, 25])]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cache, _ = build(str(path), tok, tmp_path / "c", {**OPTS, "format": "text", "max_len": None})
+    docs = [tok.encode(t, add_bos=tok.adds_bos) + [tok.eos_id] for t in texts]
+    assert max(map(len, docs)) > 64, "one document must be longer than a row (not truncated)"
+    stream = [t for d in docs for t in d]
+    doc_of = [k for k, d in enumerate(docs) for _ in d]
+    start_of = [sum(map(len, docs[:k])) for k in range(len(docs))]
+    rows = StreamRows(cache, 64)
+    assert len(rows) == -(-len(stream) // 64)
+    for r in range(len(rows)):
+        span = range(r * 64, min(r * 64 + 64, len(stream)))
+        row = rows[r]
+        assert row.ids == [stream[t] for t in span]
+        assert row.labels == [stream[t + 1] if t + 1 < len(stream) and doc_of[t + 1] == doc_of[t] else -100
+                              for t in span]
+        assert row.positions == [t - max(span[0], start_of[doc_of[t]]) for t in span]
+        assert row.segments == [doc_of[t] - doc_of[span[0]] for t in span]

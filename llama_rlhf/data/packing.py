@@ -74,3 +74,31 @@ class CachedRows:
     def trained_tokens(self, r: int) -> int:
         a, b = int(self.starts[r]), int(self.starts[r + 1])
         return int(self.cache.trained_in(a, b))
+
+
+class StreamRows:
+    """Pretraining rows: the cache's token stream (all samples back to back, none truncated) cut into rows of
+    exactly ``max_len`` tokens (the last one shorter); a document that does not fit continues in the next row.
+    Positions restart at every document and row start; segment ids keep documents apart within a row."""
+
+    def __init__(self, cache, max_len: int):
+        self.cache, self.max_len, self.total = cache, max_len, int(cache.offsets[-1])
+
+    def __len__(self) -> int:
+        return -(-self.total // self.max_len)
+
+    def __getitem__(self, r: int) -> Row:
+        s, e = r * self.max_len, min((r + 1) * self.max_len, self.total)
+        ids = np.asarray(self.cache.ids[s:e], dtype=np.int64)
+        nxt = np.full_like(ids, -100)
+        following = np.asarray(self.cache.ids[s + 1:e + 1], dtype=np.int64)  # the next row's first id included
+        nxt[:len(following)] = following
+        labels = np.where(np.asarray(self.cache.mask[s:e]) != 0, nxt, -100)
+        offsets = self.cache.offsets
+        a = int(np.searchsorted(offsets, s, side="right")) - 1
+        b = int(np.searchsorted(offsets, e, side="left"))
+        bounds = np.clip(np.asarray(offsets[a:b + 1]), s, e) - s  # document pieces in this row
+        lengths = np.diff(bounds)
+        positions = np.arange(e - s) - np.repeat(bounds[:-1], lengths)
+        segments = np.repeat(np.arange(len(lengths)), lengths)
+        return Row(ids.tolist(), labels.tolist(), positions.tolist(), segments.tolist())

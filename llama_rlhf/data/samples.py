@@ -136,7 +136,7 @@ def sample_arrays(obj: dict, tok, use_chat_template: bool, system_prompt: str | 
         else:
             pieces = _plain_pieces(record, where)
         ids, trained = _tokenize_pieces(tok, pieces)
-    if len(ids) > max_len:
+    if max_len and len(ids) > max_len:  # max_len None: never truncated (streamed pretraining)
         stats.truncated += 1
         ids, trained = truncate(ids, trained, max_len, tok.bos_id)
     labels = shift_labels(ids, trained)

@@ -10,7 +10,7 @@ import torch
 from ..runtime import UsageError, log
 from .batches import StepBatches, epoch_permutation
 from .cache import TokenCache, open_cache
-from .packing import CachedRows, row_starts
+from .packing import CachedRows, StreamRows, row_starts
 from .samples import DatasetStats
 
 
@@ -24,8 +24,9 @@ class TrainData:
 
 def cache_options(args) -> dict:
     """Every option that changes the token ids (part of the cache key)."""
+    streamed = getattr(args, "stream_packing", False)  # samples kept whole: --max_seq_len does not change the ids
     return {"format": args.data_format, "use_chat_template": bool(args.use_chat_template),
-            "system_prompt": args.system_prompt, "max_len": args.max_seq_len}
+            "system_prompt": args.system_prompt, "max_len": None if streamed else args.max_seq_len}
 
 
 def cache_root(args) -> str:
@@ -49,12 +50,14 @@ def mixture_order(source_rows: list[tuple[int, int]], weights: list[float], seed
     return order
 
 
-def cached_rows(files: list[str], tok, args, ps) -> tuple[TokenCache, CachedRows, list[tuple[int, int]]]:
+def cached_rows(files: list[str], tok, args, ps) -> tuple[TokenCache, object, list[tuple[int, int]]]:
     """Map (building if needed) the cache of ``files`` and cut it into rows; also each file's row range."""
     cache = open_cache(files, tok, cache_options(args), cache_root(args), log=lambda m: log(m, ps))
     for src in cache.sources:
         log(f"{src['path']}: {DatasetStats(**src['stats']).describe()} (max {args.max_seq_len} tokens)", ps)
     firsts = [s["first"] for s in cache.sources]
+    if getattr(args, "stream_packing", False):
+        return cache, StreamRows(cache, args.max_seq_len), []
     starts = row_starts(cache.lengths(), args.max_seq_len, args.packing, firsts)
     row_first = np.searchsorted(starts, firsts + [len(cache)]).tolist()
     return cache, CachedRows(cache, starts), list(zip(row_first[:-1], row_first[1:]))
@@ -68,6 +71,8 @@ def build_train_data(args, tok, ps) -> TrainData:
         raise UsageError(f"--train_file_weights has {len(weights)} values for {len(files)} --train_file files")
     if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
         raise UsageError(f"--train_file_weights must be >= 0 with a positive sum, got {weights}")
+    if weights is not None and getattr(args, "stream_packing", False):
+        raise UsageError("--train_file_weights cannot mix --stream_packing rows (a row may span files): drop one")
     cache, rows, source_rows = cached_rows(files, tok, args, ps)
     order = mixture_order(source_rows, weights, args.seed) if weights is not None else None
     schedule = StepBatches(rows, args.max_batch_size, ps.dp_size, args.gradient_accumulation_steps, args.seed, order)
