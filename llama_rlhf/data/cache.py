@@ -246,10 +246,14 @@ def _join_parts(tmp: str, n_sources: int, world: int, stats: list[DatasetStats],
 
 def _raise_first(errors: list) -> None:
     """Every rank raises the first error (in file order: the lowest rank's), so all exit with the same line."""
-    for e in errors:
+    from ..runtime import UsageError
+    for rank, e in enumerate(errors):
         if e is not None:
             kind, message = e
-            raise (DataError if kind == "DataError" else RuntimeError)(message)
+            if kind in ("DataError", "UsageError", "FileNotFoundError"):
+                raise {"DataError": DataError, "UsageError": UsageError,
+                       "FileNotFoundError": FileNotFoundError}[kind](message)
+            raise RuntimeError(f"tokenizing on rank {rank} failed: {kind}: {message}")
 
 
 def open_cache(sources: list[str], tok, options: dict, root: str, log=print) -> TokenCache:
