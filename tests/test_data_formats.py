@@ -112,3 +112,17 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
     bad_json.write_text('[{"text": "a"},\n {"text": "b"}\n {"text": "c"}]')
     with pytest.raises(DataError, match="bad.json:3: not valid JSON"):
         load_samples(str(bad_json), tok, True, None, 64)
+
+
+def test_prompts_of_every_format_render_like_their_messages_line(tok):
+    """solver_generate / GRPO prompts: the reference (trailing assistant, completion, output) is not prompted."""
+    from llama_rlhf.batch_generate import prompt_ids
+    reference = prompt_ids({"messages": CHAT}, tok, True, None, "x:1")
+    assert reference == tok.encode_chat(CHAT[:2], add_generation_prompt=True)
+    for obj in ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Add 2 and 3.\n2 3"},
+                                   {"from": "gpt", "value": "5"}]},
+                {"instruction": "Add 2 and 3.", "input": "2 3", "output": "5", "system": "Be brief."},
+                {"prompt": CHAT[:2], "completion": CHAT[2:]}):
+        assert prompt_ids(obj, tok, True, None, "x:1") == reference, obj
+    raw = prompt_ids({"prompt": "Add 2 and 3.", "completion": "5"}, tok, True, None, "x:1")
+    assert raw == tok.encode("Add 2 and 3.", add_bos=tok.adds_bos)  # as written: no template, no newline

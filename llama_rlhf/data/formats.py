@@ -27,6 +27,7 @@ class Record:
     messages: list | None = None
     text: str | None = None
     raw: tuple | None = None  # (prompt, completion) strings
+    reference: str | None = None  # a prompt's reference answer (generation, GRPO)
 
 
 def detect(obj: dict, where: str) -> str:
@@ -103,6 +104,9 @@ def _prompt_completion(obj: dict, where: str) -> Record:
     return Record("prompt_completion", prompt + completion)
 
 
+MAIN_KEY = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "prompt", "alpaca": "instruction"}
+
+
 def to_record(obj: dict, fmt: str, where: str) -> Record:
     """One parsed object as a Record; ``fmt`` is one of FORMATS (``auto``: detected from the keys)."""
     fmt = detect(obj, where) if fmt == "auto" else fmt
@@ -110,30 +114,31 @@ def to_record(obj: dict, fmt: str, where: str) -> Record:
         if not isinstance(obj.get("text"), str):
             raise DataError(f"{where}: 'text' must be a string")
         return Record("text", text=obj["text"])
-    if fmt in ("messages", "sharegpt", "prompt_completion") and \
-            {"messages": "messages", "sharegpt": "conversations"}.get(fmt, "prompt") not in obj:
-        raise DataError(f"{where}: --data_format {fmt} needs a "
-                        f"{ {'messages': 'messages', 'sharegpt': 'conversations'}.get(fmt, 'prompt')!r} field")
+    if fmt != "alpaca" and MAIN_KEY[fmt] not in obj:
+        raise DataError(f"{where}: --data_format {fmt} needs a {MAIN_KEY[fmt]!r} field")
     if fmt == "prompt_completion":
         if "completion" not in obj:
             raise DataError(f"{where}: 'prompt' without 'completion' has nothing to train on")
         record = _prompt_completion(obj, where)
+    elif fmt == "messages":
+        record = Record(fmt, _check_messages(obj["messages"], where))
+    elif fmt == "sharegpt":
+        record = Record(fmt, _sharegpt(obj, where))
     else:
-        messages = {"messages": lambda: _check_messages(obj["messages"], where), "sharegpt": lambda: _sharegpt(obj, where),
-                    "alpaca": lambda: _alpaca(obj, where)}[fmt]()
-        record = Record(fmt, messages)
+        record = Record(fmt, _alpaca(obj, where))
     if not any(m["role"] == "assistant" for m in record.messages):
-        raise DataError(f"{where}: '{ {'sharegpt': 'conversations'}.get(fmt, 'messages') }' has no assistant "
-                        f"turn to train on")
+        key = "conversations" if fmt == "sharegpt" else "messages"
+        raise DataError(f"{where}: {key!r} has no assistant turn to train on")
     return record
 
 
 def prompt_record(obj: dict, where: str) -> Record:
     """A prompt to continue (solver_generate, GRPO): the conversation without its trailing assistant turns (the
-    reference answer, kept in ``raw[1]``), or a plain string ``prompt``, continued exactly as written."""
+    reference answer, kept as ``reference``), or a plain string ``prompt``, continued exactly as written."""
     if "prompt" in obj and isinstance(obj["prompt"], str):
         completion = obj.get("completion")
-        return Record("prompt_completion", raw=(obj["prompt"], completion if isinstance(completion, str) else None))
+        return Record("prompt_completion", raw=(obj["prompt"], None),
+                      reference=completion if isinstance(completion, str) else None)
     if "prompt" in obj:
         messages = _check_messages(obj["prompt"], where, "prompt")
     elif "messages" in obj:
@@ -163,4 +168,4 @@ def prompt_record(obj: dict, where: str) -> Record:
         raise DataError(f"{where}: 'messages' has no user turn to answer")
     if reference is None and isinstance(obj.get("output"), str):
         reference = obj["output"]
-    return Record("prompt", messages, raw=(None, reference))
+    return Record("prompt", messages, reference=reference)
