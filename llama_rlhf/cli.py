@@ -54,6 +54,26 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_batch_size", type=int, default=4, help="sequences (or prompts) per rank per step")
 
 
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """Training data: files, their shape, mixing, the token cache, packing, evaluation (README, "Data")."""
+    d = parser.add_argument_group("data")
+    d.add_argument("--train_file", required=True, nargs="+",
+                   help="one or more .jsonl / .json / .parquet files or datasets.save_to_disk folders (messages, "
+                        "sharegpt, alpaca, prompt/completion or text records)")
+    d.add_argument("--train_file_weights", type=float, nargs="+", default=None,
+                   help="mix the --train_file files: each one's share of an epoch's rows (default: all rows once)")
+    d.add_argument("--data_format", default="auto",
+                   choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"),
+                   help="record shape (default: detected per record from its keys)")
+    d.add_argument("--data_cache_dir", default=None,
+                   help="where the token cache goes (default: SAVE_DIR/data_cache); shared by later runs")
+    d.add_argument("--eval_file", default=None, help="evaluated every --eval_steps steps (token-mean loss)")
+    d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
+    add_bool(d, "--packing", False, "pack several samples per row (positions reset, no attention across samples)")
+    add_bool(d, "--stream_packing", False, "pretraining: cut the token stream of all samples (none truncated) into "
+             "rows of exactly --max_seq_len tokens; a document may continue in the next row")
+
+
 def add_memory_flags(group) -> None:
     """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype)."""
     group.add_argument("--zero_stage", type=int, default=None, choices=(0, 1),

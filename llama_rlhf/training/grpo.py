@@ -15,8 +15,9 @@ import torch
 
 from ..batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
+from ..data.readers import read_records
 from ..generation import generate
-from ..jsonl import DataError, read_jsonl
+from ..jsonl import DataError
 from ..models.pretrained import load_pretrained
 from ..parallel.comm import all_reduce, copy_to_group, reduce_from_group
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab_parallel_log_probs
@@ -61,8 +62,7 @@ def load_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     """Prompts from jsonl, rendered as solver_generate renders them (``instruction`` or ``messages``; other
     fields kept for the rewards); returns them and how many were cut from the left to ``max_prompt_len``."""
     prompts, cut = [], 0
-    for line_no, obj in read_jsonl(path):
-        where = f"{path}:{line_no}"
+    for where, obj in read_records(path):
         if needs_answer and "answer" not in obj:
             raise DataError(f"{where}: the accuracy reward needs an 'answer' field")
         ids, n_cut = fit_prompt(prompt_ids(obj, tok, use_chat_template, system_prompt, where), max_prompt_len + 1,
