@@ -205,7 +205,8 @@ def assign_advantages(rollouts: list[Rollout], group: int, scale: str, ps) -> No
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     if scale == "batch" and group_size(ps.dp_group) > 1:
         stats = all_reduce(torch.stack([rewards.sum(), rewards.pow(2).sum(),
-                                        torch.tensor(float(len(rewards)), dtype=torch.float64)]), ps.dp_group)
+                                        torch.tensor(float(len(rewards)), dtype=torch.float64)]).to(ps.device),
+                           ps.dp_group).cpu()
         n = stats[2]
         std = torch.sqrt((stats[1] - stats[0] ** 2 / n) / (n - 1).clamp(min=1))
         centred = group_advantages(rewards, group, "none")
@@ -218,7 +219,7 @@ def assign_advantages(rollouts: list[Rollout], group: int, scale: str, ps) -> No
 
 def global_sum(values: list[float], ps) -> list[float]:
     """Sum floats over DP ranks (every MP/SP peer holds the same rollouts)."""
-    return all_reduce(torch.tensor(values, dtype=torch.float64), ps.dp_group).tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=ps.device), ps.dp_group).tolist()
 
 
 def load_reference(args, run: TrainingRun):
@@ -308,13 +309,14 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
 
         # metrics: sums over DP (and over SP for token-level values, whose tokens are split)
         token_sums = all_reduce(torch.tensor([totals.loss, totals.kl, totals.low_clip, totals.high_clip,
-                                              totals.entropy, totals.tokens], dtype=torch.float64),
+                                              totals.entropy, totals.tokens], dtype=torch.float64,
+                                             device=ps.device),
                                 ps.dpsp_group).tolist()
         per_fn = [sum(r.rewards[k] for r in rollouts) for k in range(len(rewards))]
         lengths = [len(r.completion_ids) for r in rollouts]
         sums = global_sum([sum(r.reward for r in rollouts), sum(r.reward ** 2 for r in rollouts),
                            sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
-        max_len = all_reduce(torch.tensor(float(max(lengths, default=0))), ps.dp_group,
+        max_len = all_reduce(torch.tensor(float(max(lengths, default=0)), device=ps.device), ps.dp_group,
                              op=torch.distributed.ReduceOp.MAX).item()
         n, tokens = max(n_seq, 1), max(token_sums[5], 1)
         mean = sums[0] / n
