@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
-from ..generation import generate
 from ..jsonl import DataError, read_jsonl
 from ..models.pretrained import load_pretrained
 from ..parallel.comm import all_reduce, group_size
@@ -25,6 +25,7 @@ from ..sampling import SamplingParams
 from .grpo_loss import group_advantages, token_terms, token_weights
 from .rewards import build_rewards, score
 from .setup import TrainingRun
+from .sp_rollouts import generate_rollouts
 
 
 @dataclass
@@ -107,21 +108,43 @@ def local_part(batch: dict, ps) -> dict:
     return {k: zigzag_split(v, ps.sp_size, ps.sp_rank) for k, v in batch.items()}
 
 
-def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False):
+LOGIT_CHUNK_BYTES = 2**30  # fp32 logits of one row chunk, per rank
+
+
+def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False,
+                   chunk_rows: int | None = None):
     """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]
-    (0 where the label is ignored). The LM head runs only on positions with a label (the completions)."""
+    (0 where the label is ignored), and the entropy there (no gradient). The LM head runs only on positions with
+    a label (the completions), ``chunk_rows`` of them at a time (default: 1 GiB of fp32 logits); with grad, each
+    chunk's logits are recomputed in backward, so a micro-batch never holds more than one chunk's."""
     labels = batch["labels"]
     scored = labels != IGNORE_INDEX  # [B, S]; the same on every MP rank
     with autocast(compute_dtype, ps.device):
         hidden = model(batch["input_ids"], position_ids=batch["position_ids"], hidden_only=True)  # [B, S, h]
-        logits = model.logits(hidden[scored])  # [N, V/mp], N = scored positions
-    logits = logits.float() / temperature if temperature > 0 else logits.float()
+    rows, targets = hidden[scored], labels[scored]  # [N, h], [N]
+    width = model.model.embed_tokens.vocab_stop - model.model.embed_tokens.vocab_start  # V_padded / mp
+    step = chunk_rows or max(1, LOGIT_CHUNK_BYTES // (4 * width))
+
+    def chunk(h, t):  # [n, h], [n] -> log-probs [n], entropy [n]
+        with autocast(compute_dtype, ps.device):
+            logits = model.logits(h)  # [n, V/mp]
+        logits = logits.float() / temperature if temperature > 0 else logits.float()
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = vocab_parallel_entropy(logits, ps.mp_group)
+        return vocab_parallel_log_probs(logits, t, ps.mp_group, overwrite_logits=True), entropy  # logits die
+
+    recompute = torch.is_grad_enabled() and rows.shape[0] > step
+    parts = [checkpoint(chunk, rows[lo:lo + step], targets[lo:lo + step], use_reentrant=False) if recompute
+             else chunk(rows[lo:lo + step], targets[lo:lo + step]) for lo in range(0, rows.shape[0], step)]
+    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    logp[scored] = torch.cat([lp for lp, _ in parts]) if parts else logp[scored]
     entropy = None
     if with_entropy:
         entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        entropy[scored] = vocab_parallel_entropy(logits, ps.mp_group)
-    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    logp[scored] = vocab_parallel_log_probs(logits, labels[scored], ps.mp_group, overwrite_logits=True)  # logits die
+        if parts:
+            entropy[scored] = torch.cat([e for _, e in parts])
     return logp, entropy
 
 
@@ -269,10 +292,11 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         chosen = order[in_epoch * prompts_per_step:(in_epoch + 1) * prompts_per_step]
         mine = [prompts[i] for i in chosen[ps.dp_rank * args.max_batch_size:(ps.dp_rank + 1) * args.max_batch_size]]
         # rollouts: whole groups on this DP rank, random streams keyed by (seed, step) and global prompt ids
-        completions = generate(model, [p.ids for p in mine], params, tok.end_ids, ps,
-                               max_batch_size=args.rollout_batch_size or len(mine) * group,
-                               max_seq_len=args.max_seq_len, seed=args.seed * 1_000_003 + step,
-                               prompt_keys=[p.index for p in mine], compute_dtype=compute_dtype) if mine else []
+        # (under SP, each peer samples a share of the prompts and the token ids are all-gathered)
+        completions = generate_rollouts(model, [p.ids for p in mine], params, tok.end_ids, ps,
+                                        max_batch_size=args.rollout_batch_size, max_seq_len=args.max_seq_len,
+                                        seed=args.seed * 1_000_003 + step, prompt_keys=[p.index for p in mine],
+                                        compute_dtype=compute_dtype) if mine else []
         rollouts = [Rollout(p, s, c.token_ids, c.finish_reason, c.logprobs)
                     for p, samples in zip(mine, completions) for s, c in enumerate(samples)]
         t_rollout = time.time() - t0
