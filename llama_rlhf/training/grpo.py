@@ -136,15 +136,15 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
         return vocab_parallel_log_probs(logits, t, ps.mp_group, overwrite_logits=True), entropy  # logits die
 
     recompute = torch.is_grad_enabled() and rows.shape[0] > step
+    # at least one (maybe empty) chunk: a rank without scored tokens still joins backward's collectives (MP, SP)
     parts = [checkpoint(chunk, rows[lo:lo + step], targets[lo:lo + step], use_reentrant=False) if recompute
-             else chunk(rows[lo:lo + step], targets[lo:lo + step]) for lo in range(0, rows.shape[0], step)]
+             else chunk(rows[lo:lo + step], targets[lo:lo + step]) for lo in range(0, max(rows.shape[0], 1), step)]
     logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    logp[scored] = torch.cat([lp for lp, _ in parts]) if parts else logp[scored]
+    logp[scored] = torch.cat([lp for lp, _ in parts])
     entropy = None
     if with_entropy:
         entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        if parts:
-            entropy[scored] = torch.cat([e for _, e in parts])
+        entropy[scored] = torch.cat([e for _, e in parts])
     return logp, entropy
 
 
