@@ -102,7 +102,10 @@ class RotaryEmbedding(nn.Module):
 
         A position at or beyond max_position_embeddings is an error (the model was not built for it).
         """
-        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
+        if position_ids.numel() and position_ids.device.type != "cpu":  # no host sync per forward on a GPU
+            torch._assert_async(position_ids.max() < self.max_positions,
+                                f"a position id is beyond max_position_embeddings ({self.max_positions})")
+        elif position_ids.numel() and int(position_ids.max()) >= self.max_positions:
             raise PositionError(f"position {int(position_ids.max())} is beyond this model's max_position_embeddings "
                                 f"({self.max_positions}): sequences may be at most {self.max_positions} tokens long; "
                                 f"shorten them (e.g. --max_seq_len {self.max_positions})")
