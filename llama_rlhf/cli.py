@@ -75,7 +75,12 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_memory_flags(group) -> None:
-    """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype)."""
+    """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype), and fp16's loss
+    scaling."""
+    group.add_argument("--initial_loss_scale", type=float, default=2.0 ** 16,
+                       help="--dtype float16: the starting dynamic loss scale (halved on every overflowing step)")
+    group.add_argument("--loss_scale_window", type=int, default=1000,
+                       help="--dtype float16: clean steps in a row before the loss scale doubles")
     group.add_argument("--zero_stage", type=int, default=None, choices=(0, 1),
                        help="0: every DP x SP rank holds the whole optimizer state; 1: fp32 masters and AdamW moments "
                             "partitioned over DP x SP, parameters held in the compute dtype (default: 1 when "

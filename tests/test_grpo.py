@@ -107,7 +107,68 @@ def check_trainer_log_probs_equal_sampler_log_probs(*_):
             assert diff <= 1e-4, f"MP={mp}: trainer and sampler log-probs differ by {diff:.2e}"
 
 
-CHECKS = [check_sharded_loss_and_grads_equal_single_process, check_trainer_log_probs_equal_sampler_log_probs]
+def sharp_model(ps, seed=2):
+    model = build_model(tiny_config(), ps)
+    init_weights(model, seed=seed)
+    with torch.no_grad():  # sharper logits than the tiny init gives
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return model
+
+
+def check_sp_rollouts_are_split_and_equal_sp1(*_):
+    from llama_rlhf.generation import generate
+    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.training import sp_rollouts
+    prompts = [[5, 6, 7], [9, 3, 2, 11, 4], [1, 2], [40, 41, 42, 43], [7] * 6]
+    keys = [10, 11, 12, 13, 14]
+    reference_model, model = sharp_model(grid(1, 1)), sharp_model(grid(1, 2))
+    ps = grid(1, 2)
+    calls = []
+
+    def counted(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(model, prompts, *args, **kwargs)
+
+    sp_rollouts.generate, original = counted, sp_rollouts.generate
+    try:
+        for temperature in (0.0, TEMPERATURE):  # greedy, and sampling from keyed random streams
+            params = SamplingParams(temperature=temperature, max_new_tokens=8, num_samples=3)
+            want = generate(reference_model, prompts, params, {96}, grid(1, 1), max_batch_size=15, seed=5,
+                            prompt_keys=keys)
+            got = sp_rollouts.generate_rollouts(model, prompts, params, {96}, ps, prompt_keys=keys, seed=5)
+            for w, g in zip(want, got, strict=True):
+                for a, b in zip(w, g, strict=True):
+                    assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason, (temperature, a, b)
+                    assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0) <= 1e-5
+    finally:
+        sp_rollouts.generate = original
+    assert calls == [3 - ps.sp_rank] * 2, calls  # SP rank 0 sampled prompts 0, 2, 4; rank 1 prompts 1, 3
+
+
+def check_logits_in_row_chunks_equal_whole(*_):
+    from llama_rlhf.training.grpo import local_part, rollout_batch, token_logprobs
+    ps = grid(2, 1)
+    model = sharp_model(ps)
+    rollouts = synthetic_rollouts(seed=3)
+    batch = local_part(rollout_batch(rollouts, 0, 1), ps)
+    weight = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for rows in (None, 3):  # whole (one chunk), and chunks of 3 rows recomputed in backward
+        model.zero_grad()
+        logp, entropy = token_logprobs(model, batch, ps, TEMPERATURE, torch.float32, with_entropy=True,
+                                       chunk_rows=rows)
+        (logp * weight).sum().backward()
+        results.append((logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, e0, g0), (lp1, e1, g1) = results
+    assert (batch["labels"] != -100).sum() > 6  # several chunks
+    assert torch.allclose(lp0, lp1, atol=1e-6) and torch.allclose(e0, e1, atol=1e-6)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-5), name
+
+
+CHECKS = [check_sharded_loss_and_grads_equal_single_process, check_trainer_log_probs_equal_sampler_log_probs,
+          check_sp_rollouts_are_split_and_equal_sp1, check_logits_in_row_chunks_equal_whole]
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,15 @@ def assemble(pieces: list[torch.Tensor], info: ShardInfo) -> torch.Tensor:
 
 
 def gather_full(param: torch.Tensor, ps) -> torch.Tensor | None:
-    """On global rank 0: the full tensor of a sharded parameter; on the other members of its MP group: None."""
+    """On global rank 0: the full tensor of a sharded parameter, on the host (each gathered piece leaves the GPU at
+    once, so a save never holds a shard's worth of weights there); on the other members of its MP group: None."""
     info = param.shard
     local = param.detach().contiguous()
     if info.dim is None or group_size(ps.mp_group) == 1:
-        return assemble([local] * max(1, ps.mp_size), info) if ps.rank == 0 else None
+        return assemble([local.cpu()] * max(1, ps.mp_size), info) if ps.rank == 0 else None
     pieces = [torch.empty_like(local) for _ in range(ps.mp_size)] if ps.rank == 0 else None
     dist.gather(local, pieces, dst=ps.mp_ranks[0], group=ps.mp_group)
-    return assemble(pieces, info) if ps.rank == 0 else None
+    return assemble([p.cpu() for p in pieces], info) if ps.rank == 0 else None
 
 
 def hf_config_dict(cfg, source_config: str | None, dtype: torch.dtype) -> dict:

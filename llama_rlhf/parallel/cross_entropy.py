@@ -19,8 +19,14 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
-def _row_chunks(n_rows: int, n_cols: int, elements: int = 2**22):
-    """Row slices of a [n_rows, n_cols] tensor holding about ``elements`` entries each (cache-sized work)."""
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}  # cache-sized on the CPU; on a GPU few launches, 256 MiB fp32
+
+
+def _row_chunks(n_rows: int, n_cols: int, elements: int | None = None, device=None):
+    """Row slices of a [n_rows, n_cols] tensor holding about ``elements`` entries each (by default sized for the
+    device: a CPU's cache, or on a GPU large enough that a 128k vocabulary costs a handful of launches)."""
+    if elements is None:
+        elements = CHUNK_ELEMENTS.get(getattr(device, "type", "cpu"), CHUNK_ELEMENTS["cuda"])
     step = max(1, elements // max(n_cols, 1))
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
@@ -41,7 +47,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         n_rows, n_local = logits.shape  # [N, V/mp], any float dtype; reductions in at least fp32
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         vocab_start = group_rank(group) * n_local
-        chunks = _row_chunks(n_rows, n_local)
+        chunks = _row_chunks(n_rows, n_local, device=logits.device)
         row_max = torch.empty(n_rows, dtype=acc, device=logits.device)
         for c in chunks:
             row_max[c] = logits[c].max(dim=-1).values.to(acc)
@@ -71,7 +77,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         scale = (grad_loss * valid).to(lse.dtype)
         grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
         same_dtype = logits.dtype == lse.dtype
-        for c in _row_chunks(*logits.shape):
+        for c in _row_chunks(*logits.shape, device=logits.device):
             # softmax rows, computed straight into the gradient when it has the reduction dtype
             p = torch.sub(logits[c], lse[c].unsqueeze(-1), out=grad[c]) if same_dtype else \
                 logits[c].to(lse.dtype) - lse[c].unsqueeze(-1)

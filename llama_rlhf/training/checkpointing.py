@@ -187,7 +187,8 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: d
             path = os.path.join(state_dir, "trainer.json")
             with writing(path, 0), open(path, "w", encoding="utf-8") as f:
                 json.dump({**trainer_state, "step": step, "format": STATE_FORMAT, "adam_step": optimizer.adam_step,
-                           "loss_scale": optimizer.loss_scale, **layout_of(ps, optimizer)}, f, indent=2)
+                           "loss_scale": optimizer.loss_scale, "loss_scaler": optimizer.scaler_state(),
+                           **layout_of(ps, optimizer)}, f, indent=2)
     except WriteError as exc:
         error = str(exc)
     _give_up_if_failed(error, tmp, step, ps)
@@ -257,7 +258,7 @@ def load_training_state(ckpt: str, model, optimizer, ps) -> dict:
         return trainer
     saved = SavedOptimizerState(state_dir)
     optimizer.load_state_pieces(saved.read, int(trainer["adam_step"]))
-    optimizer.loss_scale = float(trainer.get("loss_scale", 1.0))
+    optimizer.load_scaler_state(trainer.get("loss_scaler"))
     same_layout = all(trainer.get(k) == v for k, v in layout_of(ps, optimizer).items() if k != "zero_stage")
     if same_layout and os.path.isfile(rng_file(state_dir, ps.rank)):
         _set_rng_state(torch.load(rng_file(state_dir, ps.rank), map_location="cpu", weights_only=True), ps.device)

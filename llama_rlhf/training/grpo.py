@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
 from ..data.readers import read_records
-from ..generation import generate
 from ..jsonl import DataError
 from ..models.pretrained import load_pretrained
 from ..parallel.comm import all_reduce, copy_to_group, reduce_from_group
@@ -27,6 +27,7 @@ from ..sampling import SamplingParams
 from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
 from .rewards import build_rewards, score
 from .setup import TrainingRun
+from .sp_rollouts import generate_rollouts
 
 
 @dataclass
@@ -108,24 +109,44 @@ def local_part(batch: dict, ps) -> dict:
     return {k: zigzag_split(v, ps.sp_size, ps.sp_rank) for k, v in batch.items()}
 
 
+LOGIT_CHUNK_BYTES = 2**30  # fp32 logits of one row chunk, per rank
+
+
 def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False,
-                   entropy_grad: bool = False):
+                   entropy_grad: bool = False, chunk_rows: int | None = None):
     """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]
-    (0 where the label is ignored). The LM head runs only on positions with a label (the completions).
-    ``entropy_grad`` (an entropy bonus) keeps the [N, V/mp] logits alive through backward."""
+    (0 where the label is ignored), and the entropy there. The LM head runs only on positions with a label (the
+    completions), ``chunk_rows`` of them at a time (default: 1 GiB of fp32 logits); with grad, each chunk's
+    logits are recomputed in backward, so a micro-batch never holds more than one chunk's. ``entropy_grad`` (an
+    entropy bonus) differentiates the entropy too."""
     labels = batch["labels"]
     scored = labels != IGNORE_INDEX  # [B, S]; the same on every MP rank
     with autocast(compute_dtype, ps.device):
         hidden = model(batch["input_ids"], position_ids=batch["position_ids"], hidden_only=True)  # [B, S, h]
-        logits = model.logits(hidden[scored])  # [N, V/mp], N = scored positions
-    logits = logits.float() / temperature if temperature > 0 else logits.float()
+    rows, targets = hidden[scored], labels[scored]  # [N, h], [N]
+    width = model.model.embed_tokens.vocab_stop - model.model.embed_tokens.vocab_start  # V_padded / mp
+    step = chunk_rows or max(1, LOGIT_CHUNK_BYTES // (4 * width))
+
+    def chunk(h, t):  # [n, h], [n] -> log-probs [n], entropy [n]
+        with autocast(compute_dtype, ps.device):
+            logits = model.logits(h)  # [n, V/mp]
+        logits = logits.float() / temperature if temperature > 0 else logits.float()
+        entropy = None
+        if with_entropy:
+            entropy = vocab_parallel_entropy(logits, ps.mp_group, differentiable=entropy_grad)
+        logp = vocab_parallel_log_probs(logits, t, ps.mp_group, overwrite_logits=not entropy_grad)  # logits die
+        return logp, entropy
+
+    recompute = torch.is_grad_enabled() and rows.shape[0] > step
+    # at least one (maybe empty) chunk: a rank without scored tokens still joins backward's collectives (MP, SP)
+    parts = [checkpoint(chunk, rows[lo:lo + step], targets[lo:lo + step], use_reentrant=False) if recompute
+             else chunk(rows[lo:lo + step], targets[lo:lo + step]) for lo in range(0, max(rows.shape[0], 1), step)]
+    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    logp[scored] = torch.cat([lp for lp, _ in parts])
     entropy = None
     if with_entropy:
         entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        entropy[scored] = vocab_parallel_entropy(logits, ps.mp_group, differentiable=entropy_grad)
-    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    logp[scored] = vocab_parallel_log_probs(logits, labels[scored], ps.mp_group,
-                                            overwrite_logits=not entropy_grad)  # logits die
+        entropy[scored] = torch.cat([e for _, e in parts])
     return logp, entropy
 
 
@@ -171,7 +192,7 @@ def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, com
     batch = rollout_batch(rollouts, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1)
     mask = (batch["labels"] != IGNORE_INDEX).float()
     if mask_truncated:
-        mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts]).unsqueeze(-1)
+        mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=mask.device).unsqueeze(-1)
     counts = dict(global_sequences=global_sequences, global_tokens=global_tokens,
                   global_micro_batches=global_micro_batches, max_completion_length=max_completion_length)
     batch["weight"] = token_weights(mask, loss.loss_type, **counts)
@@ -237,7 +258,7 @@ def rollout_slices(rollouts: list[Rollout], n: int) -> list[list[Rollout]]:
 
 def global_sum(values: list[float], ps) -> list[float]:
     """Sum floats over DP ranks (every MP/SP peer holds the same rollouts)."""
-    return all_reduce(torch.tensor(values, dtype=torch.float64), ps.dp_group).tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=ps.device), ps.dp_group).tolist()
 
 
 def load_reference(args, run: TrainingRun):
@@ -295,10 +316,11 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         chosen = order[in_epoch * prompts_per_step:(in_epoch + 1) * prompts_per_step]
         mine = [prompts[i] for i in chosen[ps.dp_rank * args.max_batch_size:(ps.dp_rank + 1) * args.max_batch_size]]
         # rollouts: whole groups on this DP rank, random streams keyed by (seed, step) and global prompt ids
-        completions = generate(model, [p.ids for p in mine], params, tok.end_ids, ps,
-                               max_batch_size=args.rollout_batch_size or len(mine) * group,
-                               max_seq_len=args.max_seq_len, seed=args.seed * 1_000_003 + step,
-                               prompt_keys=[p.index for p in mine], compute_dtype=compute_dtype) if mine else []
+        # (under SP, each peer samples a share of the prompts and the token ids are all-gathered)
+        completions = generate_rollouts(model, [p.ids for p in mine], params, tok.end_ids, ps,
+                                        max_batch_size=args.rollout_batch_size, max_seq_len=args.max_seq_len,
+                                        seed=args.seed * 1_000_003 + step, prompt_keys=[p.index for p in mine],
+                                        compute_dtype=compute_dtype) if mine else []
         rollouts = [Rollout(p, s, c.token_ids, c.finish_reason, c.logprobs)
                     for p, samples in zip(mine, completions) for s, c in enumerate(samples)]
         t_rollout = time.time() - t0
@@ -347,14 +369,15 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
 
         # metrics: sums over DP (and over SP for token-level values, whose tokens are split)
         token_sums = all_reduce(torch.tensor([totals.loss, totals.kl, totals.low_clip, totals.high_clip,
-                                              totals.entropy, totals.tokens], dtype=torch.float64),
+                                              totals.entropy, totals.tokens], dtype=torch.float64,
+                                             device=ps.device),
                                 ps.dpsp_group).tolist()
         per_fn = [sum(r.rewards[k] for r in rollouts) for k in range(len(rewards))]
         lengths = [len(r.completion_ids) for r in rollouts]
         mean, reward_std = (v.item() for v in mean_and_std(
             torch.tensor([r.reward for r in rollouts], dtype=torch.float64), dp_sum(ps)))
         sums = global_sum([sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
-        max_len = all_reduce(torch.tensor(float(max(lengths, default=0))), ps.dp_group,
+        max_len = all_reduce(torch.tensor(float(max(lengths, default=0)), device=ps.device), ps.dp_group,
                              op=torch.distributed.ReduceOp.MAX).item()
         n, tokens = max(n_seq, 1), max(token_sums[5], 1)
         record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": sum(step_losses[-slices:]) / slices,

@@ -22,6 +22,7 @@ from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, l
                             resume_checkpoint, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
 from .lora_run import LoRARequest, export_lora, load_lora_model, lora_request
+from .loss_scale import DynamicLossScaler
 from .metrics import MetricsLog, local_memory_mb
 from .preemption import StopRequests, stop_message
 from .lr_schedule import lr_at
@@ -47,6 +48,16 @@ def resolve_zero_stage(stage: int | None, ps) -> int:
 def parameter_dtype(stage: int, compute_dtype: torch.dtype) -> torch.dtype:
     """Stage 1 holds parameters in a 16-bit compute dtype (fp32 masters in the optimizer); otherwise fp32."""
     return compute_dtype if stage == 1 and compute_dtype.itemsize == 2 else torch.float32
+
+
+def loss_scaler(args, compute_dtype: torch.dtype) -> DynamicLossScaler | None:
+    """fp16 compute gets dynamic loss scaling (--initial_loss_scale, --loss_scale_window); bf16 and fp32 none."""
+    if compute_dtype != torch.float16:
+        return None
+    scale, window = float(getattr(args, "initial_loss_scale", 2.0 ** 16)), int(getattr(args, "loss_scale_window", 1000))
+    if not (scale >= 1 and window >= 1):
+        raise UsageError(f"--initial_loss_scale ({scale}) and --loss_scale_window ({window}) must be >= 1")
+    return DynamicLossScaler(scale=scale, growth_interval=window)
 
 
 @dataclass
@@ -112,7 +123,8 @@ class TrainingRun:
         self.optimizer = DistributedAdamW(
             model, ps, stage=stage, lr=args.lr, weight_decay=args.weight_decay,
             betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
-            param_dtype=torch.float32 if self.lora else parameter_dtype(stage, self.compute_dtype))
+            param_dtype=torch.float32 if self.lora else parameter_dtype(stage, self.compute_dtype),
+            loss_scaler=loss_scaler(args, self.compute_dtype))
         keep_freed_memory(ps.device)  # after the load: steps reuse freed memory instead of page-faulting it
         if self.resume_from:
             self.trainer_state = load_training_state(self.resume_from, model, self.optimizer, ps)
