@@ -5,11 +5,10 @@
 """
 import argparse
 
-from llama_rlhf.cli import (add_bool, add_chat_flags, add_data_flags, add_llama_rlhf_flags, add_lora_flags,
-                            add_memory_flags, add_model_flags, check_numbers)
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_checkpoint_flags, add_data_flags, add_llama_rlhf_flags,
+                            add_lora_flags, add_memory_flags, add_model_flags, add_optimizer_flags, check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
-from llama_rlhf.training.lr_schedule import SCHEDULES
 
 
 def parse_args(argv=None):
@@ -17,31 +16,11 @@ def parse_args(argv=None):
     add_model_flags(p)
     add_chat_flags(p)
     add_data_flags(p)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=1, help="passes over the training data")
-    o.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
-    o.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    o.add_argument("--lr_scheduler", default="cosine", choices=SCHEDULES, help="decay after warmup")
-    o.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps")
-    o.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
-    o.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (first-moment decay)")
-    o.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (second-moment decay)")
-    o.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    o.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                   help="micro-batches per optimizer step; the loss is the token mean over all of them")
-    add_bool(o, "--activation_checkpointing", False, "recompute each layer in backward to save memory")
+    o = add_optimizer_flags(p, lr=1e-5)
     add_memory_flags(o)
     add_lora_flags(p)
     add_bool(o, "--from_scratch", False, "pretrain a new model from --config_file instead of loading --ckpt_dir")
-    s = p.add_argument_group("checkpoints and logs")
-    s.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
-    s.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
-    s.add_argument("--save_steps", type=int, default=0, help="save every N optimizer steps (0: only at the end)")
-    s.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
-    s.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the exported HF weights (fp32 masters are kept for resume either way)")
-    add_bool(s, "--resume", False, "continue the newest checkpoint in --save_dir exactly where it stopped")
-    s.add_argument("--log_steps", type=int, default=1, help="print a progress line every N steps")
+    add_checkpoint_flags(p)
     add_llama_rlhf_flags(p, "train")
     args = p.parse_args(argv)
     check_numbers(args)

@@ -6,6 +6,9 @@ examples/data/sft_arithmetic.jsonl   instruction/output pairs: short word proble
                                      always ending "The answer is N." (a format the base chat model lacks)
 examples/data/grpo_arithmetic.jsonl  instruction/answer pairs for GRPO with the accuracy and format rewards
 examples/data/prompts.jsonl          a few prompts for solver_generate.py
+examples/data/dpo_arithmetic.jsonl   preference pairs: the worked answer (chosen) against the same steps ending
+                                     in a wrong number (rejected), in TRL's three shapes (instruction + strings,
+                                     prompt + assistant messages, conversations sharing their user turn)
 """
 import json
 import os
@@ -53,6 +56,23 @@ def main():
         for _ in range(4):
             q, _, n = word_problem(rng)
             f.write(json.dumps({"instruction": q, "answer": str(n)}) + "\n")
+
+    rng = random.Random(2025)
+    with open(os.path.join(here, "dpo_arithmetic.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(300):
+            q, worked, n = word_problem(rng)
+            wrong = n + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+            bad = worked.replace(f"= {n}. The answer is {n}.", f"= {wrong}. The answer is {wrong}.")
+            user = [{"role": "user", "content": q}]
+            if i % 3 == 0:
+                record = {"instruction": q, "chosen": worked, "rejected": bad}
+            elif i % 3 == 1:
+                record = {"prompt": user, "chosen": [{"role": "assistant", "content": worked}],
+                          "rejected": [{"role": "assistant", "content": bad}]}
+            else:
+                record = {"chosen": user + [{"role": "assistant", "content": worked}],
+                          "rejected": user + [{"role": "assistant", "content": bad}]}
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,39 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
              "rows of exactly --max_seq_len tokens; a document may continue in the next row")
 
 
+def add_optimizer_flags(parser: argparse.ArgumentParser, lr: float):
+    """Epochs, steps, AdamW, schedule, clipping, accumulation, activation checkpointing (SFT and preference
+    training); returns the group, for the trainer's own flags."""
+    from .training.lr_schedule import SCHEDULES
+    o = parser.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=1, help="passes over the training data")
+    o.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    o.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    o.add_argument("--lr_scheduler", default="cosine", choices=SCHEDULES, help="decay after warmup")
+    o.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps")
+    o.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
+    o.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 (first-moment decay)")
+    o.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 (second-moment decay)")
+    o.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    o.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step; the loss is normalised over all of them (SFT: the token "
+                        "mean; preference training: the pair mean)")
+    add_bool(o, "--activation_checkpointing", False, "recompute each layer in backward to save memory")
+    return o
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    s = parser.add_argument_group("checkpoints and logs")
+    s.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
+    s.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
+    s.add_argument("--save_steps", type=int, default=0, help="save every N optimizer steps (0: only at the end)")
+    s.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    s.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the exported HF weights (fp32 masters are kept for resume either way)")
+    add_bool(s, "--resume", False, "continue the newest checkpoint in --save_dir exactly where it stopped")
+    s.add_argument("--log_steps", type=int, default=1, help="print a progress line every N steps")
+
+
 def add_memory_flags(group) -> None:
     """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype), and fp16's loss
     scaling."""

@@ -7,6 +7,7 @@
     packing.py     rows of one or several packed samples, in memory or over the cache
     batches.py     the epoch order, each step's rows per DP rank, collation
     train_data.py  build_train_data: the one call a trainer makes
+    pairs.py       preference pairs (chosen, rejected) over the cache: build_pair_data for preference training
 """
 from .batches import StepBatches, collate, epoch_order, epoch_permutation
 from .cache import TokenCache, open_cache

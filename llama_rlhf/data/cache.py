@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..jsonl import DataError
 from ..parallel.cross_entropy import IGNORE_INDEX
 from .readers import read_records, source_files
-from .samples import DatasetStats, check_not_empty, sample_arrays
+from .samples import DatasetStats, check_not_empty, record_arrays
 
 VERSION = 1
 BLOCK = 1 << 24
@@ -195,9 +195,7 @@ def _tokenize_share(sources, tok, options, tmp, rank, world, progress) -> list[d
     for s, src in enumerate(sources):
         stats, writer = DatasetStats(), _PartWriter(os.path.join(tmp, f"part-{s}-{rank}"))
         for where, obj in read_records(src, (rank, world)):
-            arrays = sample_arrays(obj, tok, options["use_chat_template"], options["system_prompt"],
-                                   options["max_len"], where, stats, options["format"])
-            if arrays is not None:
+            for arrays in record_arrays(obj, tok, options, where, stats):
                 writer.add(*arrays)
             seen += 1
             if progress and time.time() - last > 10:

@@ -5,6 +5,8 @@
     alpaca             {"instruction", "input"?, "output", "system"?}  input appended to the instruction
     prompt_completion  {"prompt", "completion"} strings or message lists (TRL)
     text               {"text"}                                                 pretraining
+    preference         {"prompt"|"instruction"|"messages", "chosen", "rejected"} (TRL), or chosen/rejected
+                       conversations sharing their leading turns (an implicit prompt); see ``preference_pair``
 
 ``auto`` detects the shape per record from its keys.
 """
@@ -169,3 +171,44 @@ def prompt_record(obj: dict, where: str) -> Record:
     if reference is None and isinstance(obj.get("output"), str):
         reference = obj["output"]
     return Record("prompt", messages, reference=reference)
+
+
+PROMPT_KEYS = ("prompt", "instruction", "messages", "conversations")
+
+
+def _response(value, key: str, where: str):
+    """A preference response: a non-empty string, or messages with a non-empty assistant turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: {key!r} is empty (a preference pair needs two responses)")
+        return value
+    messages = _check_messages(value, where, key)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: {key!r} has no non-empty assistant turn (a preference pair needs two responses)")
+    return messages
+
+
+def preference_pair(obj: dict, where: str) -> tuple[dict, dict]:
+    """A preference record -> (chosen, rejected) prompt/completion records sharing one prompt. The prompt is
+    ``prompt`` / ``instruction`` / ``messages`` as for generation (``prompt_record``), or, without one, the
+    leading messages that the chosen and rejected conversations share. Strings throughout stay a raw pair
+    (continued as written); otherwise everything is messages."""
+    if "chosen" not in obj or "rejected" not in obj:
+        raise DataError(f"{where}: a preference record needs 'chosen' and 'rejected' (got keys {sorted(obj)[:8]})")
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if any(k in obj for k in PROMPT_KEYS):
+        prompt = prompt_record(obj, where)
+        prompt = prompt.raw[0] if prompt.raw else prompt.messages
+    else:  # implicit prompt: the shared leading turns of two conversations
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise DataError(f"{where}: no 'prompt' (or 'instruction' / 'messages') for string 'chosen' / 'rejected'")
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        prompt, chosen, rejected = _check_messages(chosen[:k] or None, where, "prompt"), chosen[k:], rejected[k:]
+    chosen, rejected = _response(chosen, "chosen", where), _response(rejected, "rejected", where)
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        return {"prompt": prompt, "completion": chosen}, {"prompt": prompt, "completion": rejected}
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    as_turns = lambda x: [{"role": "assistant", "content": x}] if isinstance(x, str) else x  # noqa: E731
+    return {"prompt": prompt, "completion": as_turns(chosen)}, {"prompt": prompt, "completion": as_turns(rejected)}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ..jsonl import DataError
 from ..parallel.cross_entropy import IGNORE_INDEX
-from .formats import Record, to_record
+from .formats import Record, preference_pair, to_record
 from .readers import read_records
 
 
@@ -28,6 +28,7 @@ class DatasetStats:
     samples: int = 0
     truncated: int = 0
     skipped_no_response: int = 0
+    skipped_identical: int = 0  # preference pairs whose chosen and rejected tokens are the same
     tokens: int = 0
     formats: dict = field(default_factory=dict)  # samples per detected format
 
@@ -41,8 +42,9 @@ class DatasetStats:
 
     def describe(self) -> str:
         kinds = ", ".join(f"{n} {f}" for f, n in sorted(self.formats.items()))
+        identical = f", {self.skipped_identical} pairs skipped (chosen = rejected)" if self.skipped_identical else ""
         return (f"{self.samples} samples ({kinds}), {self.tokens} tokens, {self.truncated} truncated, "
-                f"{self.skipped_no_response} skipped (no response tokens left)")
+                f"{self.skipped_no_response} skipped (no response tokens left){identical}")
 
 
 def _chat_pieces(tok, messages: list[dict], system_prompt: str | None, where: str) -> list[tuple[str, bool]]:
@@ -149,6 +151,38 @@ def sample_arrays(obj: dict, tok, use_chat_template: bool, system_prompt: str | 
     return ids, labels
 
 
+def pair_arrays(obj: dict, tok, use_chat_template: bool, system_prompt: str | None, max_len: int, where: str,
+                stats: DatasetStats) -> list[tuple[list[int], list[int]]]:
+    """A preference record -> [chosen (ids, labels), rejected (ids, labels)], each truncated like an SFT sample;
+    [] (counted) when a side has no response token left or both sides are the same tokens. Counted per side:
+    samples, tokens, truncated; per pair: skipped_no_response, skipped_identical."""
+    sides, scratch = [], DatasetStats()
+    for side in preference_pair(obj, where):
+        sides.append(sample_arrays(side, tok, use_chat_template, system_prompt, max_len, where, scratch,
+                                   "prompt_completion"))
+    stats.truncated += scratch.truncated
+    if any(s is None for s in sides):
+        stats.skipped_no_response += 1
+        return []
+    if sides[0] == sides[1]:
+        stats.skipped_identical += 1
+        return []
+    stats.samples += 2
+    stats.tokens += scratch.tokens
+    stats.formats["preference"] = stats.formats.get("preference", 0) + 1
+    return sides
+
+
+def record_arrays(obj: dict, tok, options: dict, where: str, stats: DatasetStats) -> list:
+    """The cache's samples of one record: one (ids, labels) for SFT formats, two (chosen, rejected, in that order)
+    for ``preference``; none when skipped."""
+    args = (tok, options["use_chat_template"], options["system_prompt"], options["max_len"], where, stats)
+    if options["format"] == "preference":
+        return pair_arrays(obj, *args)
+    arrays = sample_arrays(obj, *args, options["format"])
+    return [] if arrays is None else [arrays]
+
+
 def build_sample(obj: dict, tok, use_chat_template: bool, system_prompt: str | None, max_len: int,
                  where: str, stats: DatasetStats, fmt: str = "auto") -> Sample | None:
     """One record -> a Sample, or None (counted) when no response token survives truncation."""
@@ -173,4 +207,5 @@ def check_not_empty(path: str, stats: DatasetStats) -> None:
     if not stats.samples:
         why = f" ({stats.skipped_no_response} had no response tokens left after truncation)" \
             if stats.skipped_no_response else ""
+        why += f" ({stats.skipped_identical} pairs had identical chosen and rejected)" if stats.skipped_identical else ""
         raise DataError(f"{path}: no usable training samples{why}")
