@@ -94,10 +94,11 @@ def finish_metrics(sums: list[float], pairs: float, chosen_tokens: float) -> dic
     return out
 
 
-def dpo_step(model, optimizer, micro, ref, cfg: PreferenceLoss, ps, compute_dtype, pad_id: int,
-             global_pairs: int, global_chosen_tokens: int, max_grad_norm: float):
-    """Forward/backward every micro-batch of pairs (each rank's share: its pairs' losses over the step's global
-    pair count, split evenly between SP peers, who hold the same sequence sums), then the optimizer step."""
+def dpo_backward(model, optimizer, micro, ref, cfg: PreferenceLoss, ps, compute_dtype, pad_id: int,
+                 global_pairs: int, global_chosen_tokens: int) -> dict:
+    """Forward/backward every micro-batch of pairs and reduce the gradients; returns the step's metrics. Each
+    rank's share is its pairs' losses over the step's global pair count, split evenly between SP peers (who
+    hold the same sequence sums), so gradients simply add over DP x SP and micro-batches."""
     sums = [0.0] * len(METRICS)
     for i, pairs in enumerate(micro):
         out = pair_forward(model, pairs, ref, cfg, ps, compute_dtype, pad_id)
@@ -107,9 +108,16 @@ def dpo_step(model, optimizer, micro, ref, cfg: PreferenceLoss, ps, compute_dtyp
         (share * optimizer.loss_scale).backward()
         sums = [a + b for a, b in zip(sums, metric_sums(*out))]
     optimizer.finish_gradients()  # before any other collective on the DP x SP group
-    sums = global_sum(sums, ps)
-    metrics = finish_metrics(sums, global_pairs, global_chosen_tokens)
+    metrics = finish_metrics(global_sum(sums, ps), global_pairs, global_chosen_tokens)
     metrics["loss"] = metrics["loss"] + cfg.sft_weight * metrics["nll/chosen"]
+    return metrics
+
+
+def dpo_step(model, optimizer, micro, ref, cfg: PreferenceLoss, ps, compute_dtype, pad_id: int,
+             global_pairs: int, global_chosen_tokens: int, max_grad_norm: float):
+    """``dpo_backward``, then the optimizer step (clipped; skipped when the loss or the norm is non-finite)."""
+    metrics = dpo_backward(model, optimizer, micro, ref, cfg, ps, compute_dtype, pad_id, global_pairs,
+                           global_chosen_tokens)
     grad_norm, skipped = optimizer.step(max_grad_norm, loss_is_finite=math.isfinite(metrics["loss"]))
     return metrics, grad_norm, skipped
 
