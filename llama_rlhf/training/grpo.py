@@ -20,7 +20,7 @@ from ..data.readers import read_records
 from ..jsonl import DataError
 from ..models.pretrained import load_pretrained
 from ..parallel.comm import all_reduce, copy_to_group, reduce_from_group
-from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab_parallel_log_probs
+from ..parallel.cross_entropy import IGNORE_INDEX, upcast, vocab_parallel_entropy, vocab_parallel_log_probs
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
@@ -130,7 +130,7 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
     def chunk(h, t):  # [n, h], [n] -> log-probs [n], entropy [n]
         with autocast(compute_dtype, ps.device):
             logits = model.logits(h)  # [n, V/mp]
-        logits = logits.float() / temperature if temperature > 0 else logits.float()
+        logits = upcast(logits) / temperature if temperature > 0 else upcast(logits)  # fp64 stays fp64
         entropy = None
         if with_entropy:
             entropy = vocab_parallel_entropy(logits, ps.mp_group, differentiable=entropy_grad)
@@ -141,11 +141,12 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
     # at least one (maybe empty) chunk: a rank without scored tokens still joins backward's collectives (MP, SP)
     parts = [checkpoint(chunk, rows[lo:lo + step], targets[lo:lo + step], use_reentrant=False) if recompute
              else chunk(rows[lo:lo + step], targets[lo:lo + step]) for lo in range(0, max(rows.shape[0], 1), step)]
-    logp = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    logp[scored] = torch.cat([lp for lp, _ in parts])
+    values = torch.cat([lp for lp, _ in parts])  # fp32 (fp64 for an fp64 model)
+    logp = torch.zeros(labels.shape, dtype=values.dtype, device=labels.device)
+    logp[scored] = values
     entropy = None
     if with_entropy:
-        entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        entropy = torch.zeros(labels.shape, dtype=values.dtype, device=labels.device)
         entropy[scored] = torch.cat([e for _, e in parts])
     return logp, entropy
 
