@@ -296,31 +296,31 @@ def test_accuracy_rises_and_resume_is_exact(tiny_model, tmp_path):
     with open(DATA) as f:
         data.write_text("".join(f.readlines()[:8]))
     out = str(tmp_path / "run")
-    args = dpo_args(tiny_model, str(data), out, "--epochs", "8", "--max_steps", "14", "--save_steps", "10",
-                    "--eval_file", str(data), "--eval_steps", "14")
+    args = dpo_args(tiny_model, str(data), out, "--epochs", "8", "--max_steps", "10", "--save_steps", "8",
+                    "--eval_file", str(data), "--eval_steps", "10")
     proc = torchrun("solver_dpo.py", args, nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = metrics(out)
-    assert len(seen) == 14 and all(k in seen[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
+    assert len(seen) == 10 and all(k in seen[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
                                                           "rewards/accuracies", "logps/chosen", "logps/rejected"))
-    early = sum(m["rewards/accuracies"] for m in seen[:2]) / 2
-    assert early == 0.0  # the policy starts as its own reference: every margin is 0
+    # the policy starts as its own reference: every margin is 0, the loss log 2
+    assert seen[0]["rewards/accuracies"] == 0.0 and abs(seen[0]["loss"] - math.log(2)) < 1e-6, seen[0]
     assert seen[-1]["eval_rewards/accuracies"] == 1.0 and seen[-1]["eval_rewards/margins"] > 0.1, seen[-1]
     assert seen[-1]["loss"] < 0.6 * seen[0]["loss"], (seen[0]["loss"], seen[-1]["loss"])
     assert "accuracy" in proc.stdout and "pairs/s" in proc.stdout
-    # resume from checkpoint-10: the same steps 11..14, the same weights
+    # resume from checkpoint-8: the same steps 9 and 10, the same weights
     again = str(tmp_path / "again")
-    shutil.copytree(out, again, ignore=shutil.ignore_patterns("checkpoint-14"))
-    proc = torchrun("solver_dpo.py", dpo_args(tiny_model, str(data), again, "--epochs", "8", "--max_steps", "14",
-                                              "--save_steps", "10", "--resume", "true"), nproc=1)
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("checkpoint-10"))
+    proc = torchrun("solver_dpo.py", dpo_args(tiny_model, str(data), again, "--epochs", "8", "--max_steps", "10",
+                                              "--save_steps", "8", "--resume", "true"), nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "reference log-probs of" not in proc.stdout  # table read back
     resumed = metrics(again)
-    assert [m["step"] for m in resumed] == list(range(1, 15))
-    for a, b in zip(seen[10:], resumed[10:]):
+    assert [m["step"] for m in resumed] == list(range(1, 11))
+    for a, b in zip(seen[8:], resumed[8:]):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-6, (a, b)
-    w1 = load_file(os.path.join(out, "checkpoint-14", "model.safetensors"))
-    w2 = load_file(os.path.join(again, "checkpoint-14", "model.safetensors"))
+    w1 = load_file(os.path.join(out, "checkpoint-10", "model.safetensors"))
+    w2 = load_file(os.path.join(again, "checkpoint-10", "model.safetensors"))
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
 
 
@@ -335,3 +335,28 @@ def test_bad_flags_are_one_line_errors(tiny_model, tmp_path):
         for r in results:
             assert r.returncode != 0 and fragment in r.stdout + r.stderr, (extra, r.stdout[-500:], r.stderr[-800:])
             assert "Traceback" not in r.stderr
+
+
+def test_lora_reference_is_the_adapters_off_model(tiny_model, tmp_path):
+    """With LoRA the reference is the same model with its adapters off: recomputed on resume from a trained
+    adapter (its file deleted), the table equals the one the base computed at the start."""
+    import numpy as np
+    data = tmp_path / "prefs.jsonl"
+    with open(DATA) as f:
+        data.write_text("".join(f.readlines()[:4]))
+    out = str(tmp_path / "lora")
+    lora = ["--lora_rank", "4", "--lora_alpha", "8", "--epochs", "3", "--max_steps", "3", "--save_steps", "2"]
+    proc = torchrun("solver_dpo.py", dpo_args(tiny_model, str(data), out, *lora), nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = metrics(out)
+    assert seen[-1]["rewards/margins"] != 0.0  # the adapter moved the policy away from the reference
+    (table_file,) = [os.path.join(out, "reference_logps", n) for n in os.listdir(os.path.join(out, "reference_logps"))]
+    first = np.load(table_file, allow_pickle=False)
+    os.remove(table_file)
+    shutil.rmtree(os.path.join(out, "checkpoint-3"))
+    proc = torchrun("solver_dpo.py", dpo_args(tiny_model, str(data), out, *lora, "--resume", "true"), nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "reference log-probs of 4 pairs" in proc.stdout
+    again = np.load(table_file, allow_pickle=False)
+    assert np.abs(again - first).max() < 1e-4, (first, again)
+    assert abs(metrics(out)[-1]["loss"] - seen[-1]["loss"]) < 1e-5
