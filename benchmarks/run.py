@@ -27,7 +27,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # order matters: mfu reuses train_step's rows (same run), and the long ones come last
-BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm",
+BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm", "lora",
               "data", "grpo_step")
 
 
@@ -326,6 +326,24 @@ def summarize_memory(rows):
     return out
 
 
+def summarize_lora(rows):
+    out = []
+    peft_row = next((r for r in rows if r["impl"] == "peft"), None)
+    for r in rows:
+        if r["impl"] != "llama_rlhf":
+            continue
+        config = f"SmolLM2 SFT step {r['batch']}x{r['seq']} fp32, {r['mode']}" + ("" if r["mode"] == "full" else
+                                                                                " r=16 all-linear")
+        tokens = r["batch"] * r["seq"]
+        theirs = step_rate(peft_row, tokens) if peft_row else None
+        out.append(line("lora", config, "tokens/s", step_rate(r, tokens), theirs, "transformers+PEFT LoRA",
+                        r.get("speedup_vs_peft"), "faster", 0))
+        out.append(line("lora", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"],
+                        peft_row["peak_rss_mb_per_rank"] if peft_row else None, "transformers+PEFT LoRA",
+                        r.get("peak_rss_vs_peft"), "memory", 0))
+    return out
+
+
 def summarize_data(rows):
     out = []
     for r in rows:
@@ -345,8 +363,8 @@ def summarize_data(rows):
 SUMMARIZERS = {"train_step": summarize_train_step, "memory": summarize_memory, "mfu": summarize_mfu, "model_size": summarize_model_size,
                "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
-               "load": summarize_load, "comm": summarize_comm, "grpo_step": summarize_grpo_step,
-               "data": summarize_data}
+               "load": summarize_load, "comm": summarize_comm, "lora": summarize_lora,
+               "grpo_step": summarize_grpo_step, "data": summarize_data}
 
 
 def summary_table(results: dict) -> list[dict]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 import unicodedata
@@ -12,6 +11,7 @@ from jinja2.exceptions import TemplateError
 
 from llama_rlhf.chat_template import (builtin_template, family_name, merge_system_into_user, read_checkpoint_template,
                                       render_template)
+from llama_rlhf.models.config import read_json
 
 KINDS = ("tokenizers", "sentencepiece", "tiktoken", "qwen_tiktoken")
 KIND_FILES = {"tokenizers": "tokenizer.json", "sentencepiece": "tokenizer.model",
@@ -281,8 +281,7 @@ def _read_json(folder: str, name: str) -> dict:
     file = os.path.join(folder, name)
     if not os.path.isfile(file):
         return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(file)  # malformed: a ConfigError naming the file and the position
 
 
 def _as_id_list(value) -> list[int]:

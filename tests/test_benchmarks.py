@@ -190,6 +190,11 @@ def fake_results() -> dict:
               for st, t, mb, bpp in ((0, 1.0, 3000.0, 16.0), (1, 1.02, 2000.0, 12.0))]
     memory[1].update(step_time_vs_stage0=1.02, peak_rss_vs_stage0=2 / 3)
     memory.append(dict(memory[1], kind="mfu", world=1, dp=1, mfu=0.62, achieved_gflops=275.0, peak_gflops=443.0))
+    lora = [{"benchmark": "lora", "impl": impl, "mode": mode, "batch": 2, "seq": 256, "step_s_median": t,
+             "step_s_min": t, "step_s_max": t, "tokens_per_s": 512 / t, "peak_rss_mb_per_rank": mb,
+             "trainable_parameters": 4_884_480}
+            for impl, mode, t, mb in (("llama_rlhf", "lora", 1.0, 900.0), ("peft", "lora", 2.0, 1200.0))]
+    lora[0].update(speedup_vs_peft=2.0, peak_rss_vs_peft=0.75)
     entry = lambda rows: {"rows": rows, "seconds": 1.0, "load_before": [0.5, 0.5, 0.5],  # noqa: E731
                           "load_after": [0.6, 0.5, 0.5]}
     data = [{"benchmark": "data", "samples": 1_000_000, "world": 2, "cached_s_per_rank": 3.0, "file_mb": 540.0,
@@ -200,7 +205,7 @@ def fake_results() -> dict:
     return {"data": entry(data), "train_step": entry(train), "mfu": entry(mfu_rows), "model_size": entry(model_size),
             "memory": entry(memory), "generate": entry(generate),
             "ring_attention": entry(ring), "ring_attention_sweep": entry(sweep), "load": entry(load_rows),
-            "comm": entry(comm_rows), "grpo_step": entry(grpo),
+            "comm": entry(comm_rows), "grpo_step": entry(grpo), "lora": entry(lora),
             "broken": {"rows": [], "seconds": 0.1, "load_before": [0, 0, 0], "load_after": [0, 0, 0],
                        "error": "RuntimeError: boom"}}
 
@@ -245,6 +250,8 @@ def test_results_writer(tmp_path):
     (grpo,) = by("grpo_step", "step s")
     assert grpo["ratio"] == 1.6 and grpo["ratio_kind"] == "faster"
     assert by("comm", "all-reduce calls")[0]["ratio"] == 1.0
+    (lora_tps,) = by("lora", "tokens/s")
+    assert lora_tps["ratio"] == 2.0 and lora_tps["competitor"]["median"] == 256.0 and "PEFT" in lora_tps["competitor_name"]
     md = open(paths["md"], encoding="utf-8").read()
     for needle in ("| benchmark | configuration | metric | llama_rlhf | competitor | vs competitor |",
                    "## Targets", "**GRPO step**", "zero stage 1 | MFU % | 62.0", "**missed**", "error: RuntimeError: boom",

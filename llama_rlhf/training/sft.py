@@ -135,6 +135,7 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
                 f"/rank | ETA {format_eta(eta)}{extra}")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
             path = save(step + 1)
+        run.stop_if_requested(step + 1, last_step, save)
     if last_step > start_step or path is None:
         path = save(last_step)
     return path
