@@ -31,7 +31,7 @@ from llama_rlhf.parallel.layers import take_shard
 from llama_rlhf.parallel.state import single_process_state
 from llama_rlhf.training.distributed_optimizer import DistributedAdamW
 from llama_rlhf.training.dpo import dpo_backward, pair_batch, reference_logps, sequence_logps
-from llama_rlhf.training.dpo_loss import LOSS_TYPES, PreferenceLoss, pair_losses, step_loss
+from llama_rlhf.training.dpo_loss import PreferenceLoss, pair_losses, step_loss
 from tests.distributed import assert_check, grid, run_checks
 from tests.hf_reference import write_tiny_chat_model
 from tests.launch import ROOT, torchrun

@@ -207,5 +207,6 @@ def check_not_empty(path: str, stats: DatasetStats) -> None:
     if not stats.samples:
         why = f" ({stats.skipped_no_response} had no response tokens left after truncation)" \
             if stats.skipped_no_response else ""
-        why += f" ({stats.skipped_identical} pairs had identical chosen and rejected)" if stats.skipped_identical else ""
+        if stats.skipped_identical:
+            why += f" ({stats.skipped_identical} pairs had identical chosen and rejected)"
         raise DataError(f"{path}: no usable training samples{why}")

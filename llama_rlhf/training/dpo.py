@@ -83,9 +83,10 @@ def metric_sums(losses, reward_c, reward_r, chosen, rejected, n_c, valid) -> lis
     """Sums over a micro-batch's real pairs, in METRICS order (the NLL as a token sum)."""
     v = valid.detach().double()
     c, r = reward_c.double(), reward_r.double()
+    lc, lr = chosen.detach().double(), rejected.detach().double()
     return [(losses.detach().double() * v).sum().item(), (c * v).sum().item(), (r * v).sum().item(),
-            ((c - r) * v).sum().item(), ((c > r).double() * v).sum().item(), (chosen.detach().double() * v).sum().item(),
-            (rejected.detach().double() * v).sum().item(), -(chosen.detach().double() * v).sum().item()]
+            ((c - r) * v).sum().item(), ((c > r).double() * v).sum().item(), (lc * v).sum().item(),
+            (lr * v).sum().item(), -(lc * v).sum().item()]
 
 
 def finish_metrics(sums: list[float], pairs: float, chosen_tokens: float) -> dict:
