@@ -127,7 +127,7 @@ def test_generate_lora_dir_equals_the_merged_model(tiny_chat, sft_data, tmp_path
     proc = torchrun("solver_train.py", train_args(tiny_chat, sft_data, out, *LORA, "--max_steps", "6",
                                                   "--merge_lora", "true", "--lr", "3e-2"), nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = os.path.join(out, "checkpoint-3")
+    ckpt = os.path.join(out, "checkpoint-6")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?"}) + "\n" for i in range(4)))
     results = {}
