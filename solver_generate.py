@@ -9,8 +9,8 @@ Writes LOGS/results.jsonl: one line per input line, in input order, with "output
 import argparse
 import os
 
-from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags,
-                            add_lora_flags, add_model_flags)
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_lora_flags, add_model_flags,
+                            check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 
@@ -34,6 +34,7 @@ def parse_args(argv=None):
     add_lora_flags(p, training=False)
     add_llama_rlhf_flags(p, "generate")
     args = p.parse_args(argv)
+    check_numbers(args)
     if not args.ckpt_dir:
         raise UsageError("--ckpt_dir is required (the checkpoint to sample from)")
     if args.max_batch_size < 1:
@@ -46,7 +47,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     compute_dtype = parse_dtype(args.dtype)
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, timeout_minutes=12 * 60)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.batch_generate import run_generation
     from llama_rlhf.models.families import detect_model_type, get_family
