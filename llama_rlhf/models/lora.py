@@ -203,18 +203,22 @@ def adapters_disabled(model: nn.Module):
 
 
 class AdaptersOff:
-    """The model seen with its adapters off: callable like the model (forward and ``logits``)."""
+    """The model seen with its adapters off: callable like the model (forward and ``logits``); any other attribute
+    is the model's own."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self._adapted = model
+
+    def __getattr__(self, name):
+        return getattr(self._adapted, name)
 
     def __call__(self, *args, **kwargs):
-        with adapters_disabled(self.model):
-            return self.model(*args, **kwargs)
+        with adapters_disabled(self._adapted):
+            return self._adapted(*args, **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        with adapters_disabled(self.model):
-            return self.model.logits(hidden)
+        with adapters_disabled(self._adapted):
+            return self._adapted.logits(hidden)
 
 
 @torch.no_grad()
