@@ -5,7 +5,7 @@
         --beta 0.04 --lr 1e-6 --use_chat_template
 
 Reward functions: accuracy, format, length, or path/to/file.py:function with the signature
-``def reward(completion: str, sample: dict) -> float`` (see llama_rlhf/training/rewards.py).
+``def reward(completion: str, sample: dict) -> float`` (see llama_rlhf/rewards.py).
 """
 import argparse
 
@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from llama_rlhf.training.rewards import build_rewards
+    from llama_rlhf.rewards import build_rewards
     build_rewards(args.reward_funcs, args.reward_weights)  # a bad spec fails on every rank before start-up
     ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size)
     seed_everything(args.seed)

@@ -23,7 +23,7 @@ from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
 from .grpo_loss import group_advantages, token_terms, token_weights
-from .rewards import build_rewards, score
+from ..rewards import build_rewards, score
 from .setup import TrainingRun
 
 

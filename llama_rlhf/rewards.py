@@ -1,4 +1,4 @@
-"""Rule rewards for GRPO, and loading a user's own reward function.
+"""Rule rewards (GRPO training and solver_generate scoring), and loading a user's own reward function.
 
 Every reward function has the signature
 
@@ -25,7 +25,7 @@ import os
 import re
 from typing import Callable
 
-from ..runtime import UsageError
+from .runtime import UsageError
 
 RewardFn = Callable[[str, dict], float]
 
