@@ -9,7 +9,8 @@ Reward functions: accuracy, format, length, or path/to/file.py:function with the
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags,
+                            add_reward_flags)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import LOSS_TYPES, SCALE_REWARDS
@@ -23,11 +24,7 @@ def parse_args(argv=None):
     d = p.add_argument_group("data and rewards")
     d.add_argument("--train_file", required=True,
                    help='jsonl: {"instruction" or "messages", "answer" (for accuracy), any other fields}')
-    d.add_argument("--reward_funcs", default="accuracy,format",
-                   help="comma list of accuracy, format, length, path/to/file.py:function")
-    d.add_argument("--reward_weights", default=None, help="comma list of weights, one per reward (default all 1)")
-    d.add_argument("--length_min", type=int, default=16, help="length reward: shortest ideal completion (tokens)")
-    d.add_argument("--length_max", type=int, default=256, help="length reward: longest ideal completion (tokens)")
+    add_reward_flags(d, "accuracy,format")
     s = p.add_argument_group("sampling")
     s.add_argument("--num_samples_per_prompt", type=int, default=8, help="group size G")
     s.add_argument("--max_new_tokens", type=int, default=256, help="longest completion")

@@ -49,6 +49,16 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_batch_size", type=int, default=4, help="sequences (or prompts) per rank per step")
 
 
+def add_reward_flags(group, default: str | None) -> None:
+    """The reward spec (llama_rlhf/rewards.py) that GRPO trains on and solver_generate scores with."""
+    group.add_argument("--reward_funcs", default=default,
+                       help="comma list of accuracy, format, length, path/to/file.py:function"
+                            + ("" if default else " (default: no scoring)"))
+    group.add_argument("--reward_weights", default=None, help="comma list of weights, one per reward (default all 1)")
+    group.add_argument("--length_min", type=int, default=16, help="length reward: shortest ideal completion (tokens)")
+    group.add_argument("--length_max", type=int, default=256, help="length reward: longest ideal completion (tokens)")
+
+
 def add_memory_flags(group) -> None:
     """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype)."""
     group.add_argument("--zero_stage", type=int, default=None, choices=(0, 1),

@@ -23,7 +23,7 @@ from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
 from .grpo_loss import group_advantages, token_terms, token_weights
-from ..rewards import build_rewards, score
+from ..rewards import build_rewards, reward_sample, score, total
 from .setup import TrainingRun
 
 
@@ -194,10 +194,8 @@ def fill_logprobs(model, rollouts: list[Rollout], ps, attr: str, temperature: fl
 def score_rollouts(rollouts: list[Rollout], rewards, tok) -> None:
     for r in rollouts:
         r.text = tok.decode(r.completion_ids, skip_special_tokens=True)
-        sample = {**r.prompt.sample, "completion_tokens": len(r.completion_ids), "completion_ids": r.completion_ids,
-                  "truncated": r.truncated}
-        r.rewards = score(rewards, r.text, sample)
-        r.reward = sum(w * v for (_, _, w), v in zip(rewards, r.rewards))
+        r.rewards = score(rewards, r.text, reward_sample(r.prompt.sample, r.completion_ids, r.truncated))
+        r.reward = total(rewards, r.rewards)
 
 
 def assign_advantages(rollouts: list[Rollout], group: int, scale: str, ps) -> None:
