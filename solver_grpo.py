@@ -10,7 +10,7 @@ Reward functions: accuracy, format, length, or path/to/file.py:function with the
 import argparse
 
 from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags,
-                            add_reward_flags)
+                            add_report_flags, add_reward_flags)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import LOSS_TYPES, SCALE_REWARDS
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
     c.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
+    add_report_flags(c)
     c.add_argument("--save_steps", type=int, default=0, help="save every N steps (0: only at the end)")
     c.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     c.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the exported HF weights")

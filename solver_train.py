@@ -5,7 +5,8 @@
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags,
+                            add_report_flags)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.lr_schedule import SCHEDULES
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     s = p.add_argument_group("checkpoints and logs")
     s.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
     s.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
+    add_report_flags(s)
     s.add_argument("--save_steps", type=int, default=0, help="save every N optimizer steps (0: only at the end)")
     s.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     s.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),

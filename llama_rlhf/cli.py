@@ -59,6 +59,13 @@ def add_reward_flags(group, default: str | None) -> None:
     group.add_argument("--length_max", type=int, default=256, help="length reward: longest ideal completion (tokens)")
 
 
+def add_report_flags(group) -> None:
+    """Where a trainer's per-step records go besides metrics.jsonl."""
+    group.add_argument("--report_to", default="jsonl",
+                       help="comma list of jsonl (always on), tensorboard (event files in LOG_DIR/tensorboard), "
+                            "wandb (a run in LOG_DIR/wandb; WANDB_MODE=offline works without network)")
+
+
 def add_memory_flags(group) -> None:
     """How the optimizer state is held across data-parallel ranks (and so the parameters' dtype)."""
     group.add_argument("--zero_stage", type=int, default=None, choices=(0, 1),

@@ -21,7 +21,7 @@ from ..tokenizer import load_tokenizer, tokenizer_source
 from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
                             load_training_state, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
-from .metrics import MetricsLog
+from .metrics import MetricsLog, parse_report_to
 from .lr_schedule import lr_at
 
 
@@ -61,10 +61,12 @@ class TrainingRun:
     optimizer: DistributedAdamW | None = None
     trainer_state: dict = field(default_factory=dict)  # trainer.json of the resumed checkpoint
     metrics: MetricsLog | None = None
+    report_to: tuple = ("jsonl",)
 
     @classmethod
     def prepare(cls, args, ps, compute_dtype: torch.dtype) -> "TrainingRun":
         """Everything that can fail on a user's input before a model is loaded."""
+        report_to = parse_report_to(getattr(args, "report_to", None))
         model_type = resolve_model_type(args, ps)
         tokenizer_dir = tokenizer_source(args.tokenizer_file, args.ckpt_dir)
         if not tokenizer_dir:
@@ -75,7 +77,7 @@ class TrainingRun:
         if args.resume and resume_from is None:
             log(f"--resume: no checkpoint in {args.save_dir} yet, starting a new run", ps)
         return cls(args, ps, compute_dtype, model_type, tok, tokenizer_dir, resume_from,
-                   args.log_dir or args.save_dir)
+                   args.log_dir or args.save_dir, report_to=report_to)
 
     @property
     def start_step(self) -> int:
@@ -108,7 +110,8 @@ class TrainingRun:
             log(f"resumed from {self.resume_from} at step {self.start_step}", ps)
         if ps.rank == 0:
             os.makedirs(args.save_dir, exist_ok=True)
-        self.metrics = MetricsLog(self.log_dir, ps)
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        self.metrics = MetricsLog(self.log_dir, ps, self.report_to, config)
         return model
 
     def describe(self) -> str:
