@@ -25,6 +25,12 @@ def parse_args(argv=None):
     d.add_argument("--train_file", required=True,
                    help='jsonl: {"instruction" or "messages", "answer" (for accuracy), any other fields}')
     add_reward_flags(d, "accuracy,format")
+    d.add_argument("--eval_file", default=None,
+                   help="held-out jsonl (like --train_file) sampled and scored with the rewards at step 0, every "
+                        "--eval_steps and at the end: eval/<reward>, eval/mean@n, eval/pass@k, eval/maj@n")
+    d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: start and end only)")
+    d.add_argument("--eval_num_samples", type=int, default=0,
+                   help="samples per held-out prompt (default: --num_samples_per_prompt)")
     s = p.add_argument_group("sampling")
     s.add_argument("--num_samples_per_prompt", type=int, default=8, help="group size G")
     s.add_argument("--max_new_tokens", type=int, default=256, help="longest completion")
@@ -74,6 +80,10 @@ def parse_args(argv=None):
     for name in ("num_samples_per_prompt", "max_batch_size", "num_iterations", "epochs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
+    if (args.eval_steps or args.eval_num_samples) and not args.eval_file:
+        raise UsageError("--eval_steps and --eval_num_samples need --eval_file (the held-out prompts)")
+    if args.eval_steps < 0 or args.eval_num_samples < 0:
+        raise UsageError("--eval_steps and --eval_num_samples must be >= 0")
     if args.temperature <= 0:
         raise UsageError("--temperature must be > 0 for GRPO (groups need different samples)")
     return args

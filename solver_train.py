@@ -21,6 +21,12 @@ def parse_args(argv=None):
                    help='jsonl: {"instruction","output"[,"system"]}, {"messages":[...]} or {"text"} per line')
     d.add_argument("--eval_file", default=None, help="jsonl evaluated every --eval_steps steps (token-mean loss)")
     d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
+    d.add_argument("--sample_prompts_file", default=None,
+                   help='jsonl of a few prompts ({"instruction"} or {"messages"}) answered greedily at step 0, every '
+                        '--sample_steps and at the end; the answers go to metrics.jsonl as "samples"')
+    d.add_argument("--sample_steps", type=int, default=0, help="track the sample prompts every N steps (0: start "
+                                                                "and end only)")
+    d.add_argument("--sample_max_new_tokens", type=int, default=64, help="longest tracked answer in tokens")
     add_bool(d, "--packing", False, "pack several samples per row (positions reset, no attention across samples)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=1, help="passes over the training data")
@@ -52,6 +58,8 @@ def parse_args(argv=None):
     for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sample_steps and not args.sample_prompts_file:
+        raise UsageError("--sample_steps needs --sample_prompts_file (the prompts to track)")
     return args
 
 

@@ -22,6 +22,7 @@ from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
+from .evaluation import HeldOutEval, due
 from .grpo_loss import group_advantages, token_terms, token_weights
 from ..rewards import build_rewards, reward_sample, score, total
 from .setup import TrainingRun
@@ -240,6 +241,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     prompts, cut = load_prompts(args.train_file, tok, args.use_chat_template, args.system_prompt, max_prompt_len,
                                 any(name == "accuracy" for name, _, _ in rewards))
     log(f"{args.train_file}: {len(prompts)} prompts ({cut} cut from the left to {max_prompt_len} tokens)", ps)
+    evaluator = HeldOutEval(args, tok, rewards, ps, max_prompt_len) if args.eval_file else None
     group = args.num_samples_per_prompt
     prompts_per_step = args.max_batch_size * ps.dp_size
     steps_per_epoch = math.ceil(len(prompts) / prompts_per_step)
@@ -258,6 +260,8 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     def save(step):
         return run.save(step, {"total_steps": total_steps})
 
+    if evaluator is not None and start_step == 0:
+        run.metrics.write({"step": 0, **evaluator(model, 0, compute_dtype)})
     t_start, path, skipped_total = time.time(), None, 0
     for step in range(start_step, last_step):
         t0 = time.time()
@@ -327,6 +331,8 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
             record[f"reward/{name}"] = value / n
         skipped_total += skipped_steps
         record.update(skipped=skipped_steps, skipped_steps=skipped_total)
+        if evaluator is not None and due(step + 1, args.eval_steps, last_step):
+            record.update(evaluator(model, step + 1, compute_dtype))
         run.metrics.write(record)
         if ps.rank == 0:
             eta = (time.time() - t_start) / (step + 1 - start_step) * (last_step - step - 1)
