@@ -14,14 +14,13 @@ prompts are dealt round-robin over DP x SP replicas; MP ranks of a replica decod
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from .generation import generate
-from .jsonl import DataError, read_jsonl, write_jsonl_atomic
+from .jsonl import DataError, read_jsonl, write_json_atomic, write_jsonl_atomic
 from .rewards import reward_sample, score, total
 from .runtime import UsageError, log
 from .sampling import SamplingParams
@@ -190,9 +189,6 @@ def run_generation(args, model, tok, ps, compute_dtype, rewards=None) -> str | N
     if rewards:
         summary = summarize(rows, [name for name, _, _ in rewards], args.pass_k)
         summary_path = os.path.join(args.log_dir, "summary.json")
-        tmp = f"{summary_path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, summary_path)
+        write_json_atomic(summary_path, summary)
         log(format_table(summary) + f"\nscores written to {summary_path}")
     return path
