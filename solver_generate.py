@@ -11,8 +11,9 @@ mean reward per function, accuracy as mean@n, pass@k for --pass_k and maj@n for 
 import argparse
 import os
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_model_flags, add_reward_flags
-from llama_rlhf.jsonl import read_jsonl
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_lora_flags, add_model_flags,
+                            add_reward_flags, check_numbers)
+from llama_rlhf.data.readers import read_records
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.rewards import build_rewards, check_required_fields
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
@@ -39,16 +40,16 @@ def parse_args(argv=None):
     add_reward_flags(r, None)
     r.add_argument("--pass_k", default=None,
                    help="comma list of k for pass@k, each <= --num_samples_per_prompt (default 1, 2, 4, ... n)")
+    add_lora_flags(p, training=False)
     add_llama_rlhf_flags(p, "generate")
     args = p.parse_args(argv)
+    check_numbers(args)
     if not args.ckpt_dir:
         raise UsageError("--ckpt_dir is required (the checkpoint to sample from)")
     if args.max_batch_size < 1:
         raise UsageError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
     if args.max_seq_len < 2:
         raise UsageError(f"--max_seq_len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
-    if args.num_samples_per_prompt < 1:
-        raise UsageError(f"--num_samples_per_prompt must be >= 1, got {args.num_samples_per_prompt}")
     if args.pass_k is not None and not args.reward_funcs:
         raise UsageError("--pass_k needs --reward_funcs (the rewards that decide which samples are correct)")
     if args.reward_funcs:
@@ -61,7 +62,7 @@ def load_rewards(args):
     if not args.reward_funcs:
         return None
     rewards = build_rewards(args.reward_funcs, args.reward_weights, (args.length_min, args.length_max))
-    check_required_fields(rewards, read_jsonl(args.label_file), args.label_file)
+    check_required_fields(rewards, read_records(args.label_file))
     return rewards
 
 
@@ -69,7 +70,7 @@ def main():
     args = parse_args()
     rewards = load_rewards(args)
     compute_dtype = parse_dtype(args.dtype)
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, timeout_minutes=12 * 60)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.batch_generate import run_generation
     from llama_rlhf.models.families import detect_model_type, get_family
@@ -81,7 +82,16 @@ def main():
     model_type = args.model_type or detect_model_type(args.ckpt_dir)
     get_family(model_type)
     tok = load_tokenizer(tokenizer_source(args.tokenizer_file, args.ckpt_dir), model_type=model_type)
-    model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
+    if args.lora_dir:
+        from llama_rlhf.checkpoint.peft import check_adapter_dir, load_adapter
+        from llama_rlhf.models.lora import merge_lora
+        check_adapter_dir(args.lora_dir)
+        model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file)  # fp32: merged, then cast
+        load_adapter(model, args.lora_dir)
+        merge_lora(model)  # W + scaling B A on this rank's slices: sampling runs at the base model's speed
+        model = model.to(compute_dtype)
+    else:
+        model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
     if args.max_seq_len > model.cfg.max_position_embeddings:
         raise UsageError(f"--max_seq_len {args.max_seq_len} is beyond this model's max_position_embeddings "
                          f"({model.cfg.max_position_embeddings}); pass --max_seq_len {model.cfg.max_position_embeddings}")

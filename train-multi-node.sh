@@ -4,7 +4,9 @@
 #   bash mpirun.sh hostfile train-multi-node.sh --ckpt_dir CKPT ...   # or your solver_train.py flags
 # It reads its node rank and the node count from OpenMPI (OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE) and the
 # master address from mpirun.sh (MASTER_ADDR / MASTER_PORT), then runs torchrun with NPROC_PER_NODE
-# processes (default: one per GPU, 1 without GPUs). Global rank = node rank x NPROC_PER_NODE + local rank,
+# processes (default: one per GPU that torch sees, 1 without GPUs) and MAX_RESTARTS (torchrun --max_restarts,
+# default 0: with K > 0 and --resume true every node's torchrun restarts its workers from the newest checkpoint).
+# Global rank = node rank x NPROC_PER_NODE + local rank,
 # so MP (the innermost dimension of the rank grid) stays inside a node when it divides NPROC_PER_NODE.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")" && pwd)"
@@ -14,11 +16,13 @@ nnodes="${OMPI_COMM_WORLD_SIZE:?not set: start this script with mpirun.sh HOSTFI
 master_addr="${MASTER_ADDR:?not set: start this script with mpirun.sh, which takes it from the hostfile}"
 master_port="${MASTER_PORT:-29500}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=1
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-    if [ "$gpus" -gt 0 ]; then NPROC_PER_NODE="$gpus"; fi
-  fi
+  # the GPUs torch sees (CUDA_VISIBLE_DEVICES respected; nvidia-smi -L lists every GPU of the machine)
+  gpus="$("${PYTHON:-python3}" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
+    2>/dev/null || echo 0)"
+  case "$gpus" in
+    '' | *[!0-9]* | 0) NPROC_PER_NODE=1 ;;
+    *) NPROC_PER_NODE="$gpus" ;;
+  esac
 fi
 
 # torchrun's node rank 0 hosts the rendezvous at MASTER_ADDR, so it must run on that machine.
@@ -42,8 +46,14 @@ if [ "$#" -eq 0 ]; then
     --max_seq_len 256 --max_batch_size 8 --epochs 1 --lr 1e-4 --warmup_steps 4 --lr_scheduler cosine
 fi
 
+# Preemption: mpirun forwards SIGUSR1 (SLURM sends it ahead of the time limit) to this script, and torchrun passes it
+# on to its workers, which finish the step, save and exit; give them time to save before torchrun's SIGKILL.
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+
 cmd=("${PYTHON:-python3}" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
   --nproc_per_node "$NPROC_PER_NODE" --master_addr "$master_addr" --master_port "$master_port"
+  --max_restarts "${MAX_RESTARTS:-0}"
   "$repo/solver_train.py" "$@")
 echo "node $node_rank/$nnodes on $(hostname): ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -182,11 +182,13 @@ def total(rewards, values: list[float]) -> float:
     return sum(w * v for (_, _, w), v in zip(rewards, values))
 
 
-def check_required_fields(rewards, lines: list[tuple[int, dict]], path: str) -> None:
-    """Every line holds the fields the reward functions need (``fn.required_fields``), else a DataError naming
-    the file, line, field and reward."""
+def check_required_fields(rewards, records) -> None:
+    """Every record (``(where, object)`` pairs, as data.readers.read_records gives them) holds the fields the
+    reward functions need (``fn.required_fields``), else a DataError naming the place, field and reward."""
     needs = [(name, f) for name, fn, _ in rewards for f in getattr(fn, "required_fields", ())]
-    for line_no, obj in lines:
+    if not needs:
+        return
+    for where, obj in records:
         for name, f in needs:
             if f not in obj:
-                raise DataError(f"{path}:{line_no}: the {name} reward needs the field {f!r} in every line")
+                raise DataError(f"{where}: the {name} reward needs the field {f!r} in every line")

@@ -64,20 +64,22 @@ def test_sinks_hold_the_jsonl_record(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     log_dir = str(tmp_path / "run")
-    log = MetricsLog(log_dir, single_process_state(), ("jsonl", "tensorboard", "wandb"), {"lr": 1e-4, "seed": 3})
+    log = MetricsLog(log_dir, single_process_state(), report_to=("jsonl", "tensorboard", "wandb"),
+                     config={"lr": 1e-4, "seed": 3})
     for record in RECORDS:
         log.write(dict(record))
     log.close()
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    assert [{k: v for k, v in r.items() if k != "peak_memory_mb"} for r in lines] == RECORDS
+    memory = ("peak_memory_mb", "memory_before_model_mb")
+    assert [{k: v for k, v in r.items() if k not in memory} for r in lines] == RECORDS
     assert all(r["peak_memory_mb"] > 0 for r in lines)
 
     events = glob.glob(os.path.join(log_dir, "tensorboard", "events.out.tfevents.*"))
     assert len(events) == 1, events
     acc = EventAccumulator(os.path.join(log_dir, "tensorboard"))
     acc.Reload()
-    assert set(acc.Tags()["scalars"]) == {"loss", "lr", "reward/accuracy", "peak_memory_mb"}
+    assert set(acc.Tags()["scalars"]) == {"loss", "lr", "reward/accuracy", *memory}
     for key in ("loss", "lr", "reward/accuracy", "peak_memory_mb"):
         got = [(e.step, e.value) for e in acc.Scalars(key)]
         want = [(r["step"], r[key]) for r in lines]
@@ -113,7 +115,7 @@ def test_sinks_hold_the_jsonl_record(tmp_path, monkeypatch):
 
 def test_other_ranks_write_nothing(tmp_path):
     ps = dataclasses.replace(single_process_state(), rank=1)  # world_size 1: no collective, rank 1's view
-    log = MetricsLog(str(tmp_path / "run"), ps, ("jsonl", "tensorboard"))
+    log = MetricsLog(str(tmp_path / "run"), ps, report_to=("jsonl", "tensorboard"))
     assert log.sinks == []
     log.write(dict(RECORDS[0]))
     assert not os.path.exists(tmp_path / "run")

@@ -92,13 +92,13 @@ def test_summarize_by_hand():
 
 def test_required_fields(tmp_path):
     rewards = build_rewards("format,accuracy", None)
-    check_required_fields(rewards, [(1, {"answer": "1"})], "f.jsonl")
+    check_required_fields(rewards, [("f.jsonl:1", {"answer": "1"})])
     with pytest.raises(DataError, match="f.jsonl:4: the accuracy reward needs the field 'answer'"):
-        check_required_fields(rewards, [(1, {"answer": "1"}), (4, {"instruction": "q"})], "f.jsonl")
+        check_required_fields(rewards, [("f.jsonl:1", {"answer": "1"}), ("f.jsonl:4", {"instruction": "q"})])
     user = tmp_path / "needs.py"
     user.write_text("def r(completion, sample):\n    return 1.0\nr.required_fields = ('label',)\n")
     with pytest.raises(DataError, match=f"f.jsonl:1: the {user}:r reward needs the field 'label'"):
-        check_required_fields(build_rewards(f"{user}:r", None), [(1, {"answer": "1"})], "f.jsonl")
+        check_required_fields(build_rewards(f"{user}:r", None), [("f.jsonl:1", {"answer": "1"})])
 
 
 # ---- solver_generate end to end -------------------------------------------------------------------------------

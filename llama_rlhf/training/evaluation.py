@@ -9,7 +9,7 @@ They run at step 0 (before the first update of a new run), every N steps, and at
 from __future__ import annotations
 
 from ..batch_generate import generate_rows, read_prompts
-from ..jsonl import read_jsonl
+from ..data.readers import read_records
 from ..rewards import check_required_fields
 from ..runtime import log
 from ..sampling import SamplingParams
@@ -29,7 +29,7 @@ class HeldOutEval:
 
     def __init__(self, args, tok, rewards, ps, max_prompt_len: int):
         path = args.eval_file
-        check_required_fields(rewards, read_jsonl(path), path)
+        check_required_fields(rewards, read_records(path))
         self.prompts = read_prompts(path, tok, args.use_chat_template, args.system_prompt, max_prompt_len + 1,
                                     strict=False)
         self.n = args.eval_num_samples or args.num_samples_per_prompt
