@@ -12,8 +12,10 @@ prompts are dealt round-robin over DP x SP replicas; MP ranks of a replica decod
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from .generation import generate
@@ -97,6 +99,9 @@ def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     return prompts
 
 
+SYNC_CHUNK_BATCHES = 8  # replicas meet after every SYNC_CHUNK_BATCHES x --max_batch_size prompts
+
+
 def replica_of(ps) -> tuple[int, int]:
     """(this rank's replica index, number of replicas): one replica per (DP, SP) coordinate."""
     return ps.dp_rank * ps.sp_size + ps.sp_rank, ps.dp_size * ps.sp_size
@@ -148,14 +153,28 @@ def run_generation(args, model, tok, ps, compute_dtype) -> str | None:
     replica, replicas = replica_of(ps)
     indices = list(range(replica, len(prompts), replicas))
 
-    def progress(done, total, tokens, seconds):
-        log(f"replica 0 of {replicas}: {done}/{total} of its prompts done, {tokens} tokens, "
-            f"{tokens / max(seconds, 1e-9):.1f} tokens/s", ps)
+    outputs, t0, tokens_before = [], time.time(), [0]
 
-    outputs = generate(model, [prompts[i].ids for i in indices], params, tok.end_ids, ps,
-                       max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, seed=args.seed,
-                       prompt_keys=indices, compute_dtype=compute_dtype, progress=progress,
-                       progress_every=args.log_every)
+    def progress(done, total, tokens, seconds):
+        tokens += tokens_before[0]
+        log(f"replica 0 of {replicas}: {len(outputs) + done}/{len(indices)} of its prompts done, {tokens} tokens, "
+            f"{tokens / max(time.time() - t0, 1e-9):.1f} tokens/s", ps)
+        if done == total:
+            tokens_before[0] = tokens
+
+    # The replicas meet after every chunk of prompts: a replica that is done early waits in a collective (bounded by
+    # --distributed_timeout_minutes) for one chunk of the others' work at most, not for the rest of the job.
+    # Sampling is keyed by prompt index, so the chunks change no result.
+    chunk = SYNC_CHUNK_BATCHES * args.max_batch_size
+    for start in range(0, -(-len(prompts) // replicas), chunk):  # the same number of chunks on every replica
+        part = indices[start:start + chunk]
+        if part:
+            outputs += generate(model, [prompts[i].ids for i in part], params, tok.end_ids, ps,
+                                max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, seed=args.seed,
+                                prompt_keys=part, compute_dtype=compute_dtype, progress=progress,
+                                progress_every=args.log_every)
+        if replicas > 1:
+            dist.all_reduce(torch.zeros(1, device=ps.device), group=ps.dpsp_group)
     mine = [(i, result_row(prompts[i], out, tok)) for i, out in zip(indices, outputs)]
     rows = gather_rows(mine, len(prompts), ps)
     if rows is None:

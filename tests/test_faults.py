@@ -352,3 +352,27 @@ def test_bad_input_is_one_line_on_every_rank(solver, extra, fragments, tiny_mode
     for r in results:
         assert "Traceback" not in r.stderr and len([x for x in r.stderr.splitlines() if "error" in x]) == 1, r.stderr
     assert time.time() - t0 < 60
+
+
+def test_generation_in_chunks_changes_no_result(tiny_model, tmp_path, monkeypatch):
+    """solver_generate's replicas meet after every chunk of prompts (so no collective waits for the rest of a long
+    job); sampled results are keyed by prompt, so one chunk per prompt writes the same file as one chunk in all."""
+    import solver_generate
+    from llama_rlhf import batch_generate
+    from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.tokenizer import load_tokenizer
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 3}."}) + "\n" for i in range(5)))
+    ps = single_process_state()
+    model = load_pretrained(tiny_model, "llama-hf", ps).eval()
+    tok = load_tokenizer(tiny_model)
+    written = []
+    for batches in (batch_generate.SYNC_CHUNK_BATCHES, 1):
+        monkeypatch.setattr(batch_generate, "SYNC_CHUNK_BATCHES", batches)
+        args = solver_generate.parse_args(["--ckpt_dir", tiny_model, "--label_file", str(prompts), "--log_dir",
+                                           str(tmp_path / f"chunks{batches}"), "--max_batch_size", "1",
+                                           "--temperature", "1.0", "--num_samples_per_prompt", "2",
+                                           "--max_new_tokens", "6", "--max_seq_len", "64", "--dtype", "float32"])
+        with open(batch_generate.run_generation(args, model, tok, ps, torch.float32)) as f:
+            written.append(f.read())
+    assert written[0] == written[1] and len(written[0].splitlines()) == 5
