@@ -3,6 +3,7 @@
 Every interrupted run is compared with one uninterrupted run of the same command: the losses of every step and the
 final weights must be equal bit for bit (fp32, same layout).
 """
+import contextlib
 import json
 import os
 import resource
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -77,7 +79,7 @@ def finish(proc, timeout=240):
 def wait_for(predicate, proc, timeout=120):
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-3000:]}"
+        assert proc.poll() is None, f"the run ended early: {(proc.communicate()[1] or '')[-3000:]}"
         assert time.time() < deadline, "timed out waiting"
         time.sleep(0.05)
 
@@ -103,6 +105,36 @@ def reference(tiny_model, small_data, tmp_path_factory):
     code, _, err = finish(start(torchrun_cmd(train_args(tiny_model, small_data, out))))
     assert code == 0, err[-3000:]
     return [m["loss"] for m in metrics(out)], final_weights(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stopped_peer(tiny_model, small_data, tmp_path_factory):
+    """A worker stopped with SIGSTOP under --distributed_timeout_minutes 0.5, started before the other tests and
+    checked by the last one (the job spends its minute waiting, so the other tests run meanwhile)."""
+    folder = tmp_path_factory.mktemp("stopped_peer")
+    out = str(folder / "run")
+    args = train_args(tiny_model, small_data, out, "--distributed_timeout_minutes", "0.5", "--epochs", "1000")
+    args = args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:]  # would run for hours
+    stderr = folder / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(torchrun_cmd(args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+    wait_for(lambda: steps_logged(out) >= 1, proc)
+    workers = workers_of(proc)
+    os.kill(workers[-1], signal.SIGSTOP)
+    state = {"proc": proc, "workers": workers, "stderr": stderr, "stopped_at": time.time()}
+
+    def wait():
+        proc.wait()
+        state["ended_at"] = time.time()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    state["waiter"] = waiter
+    yield state
+    if proc.poll() is None:  # the checking test did not run (-k): end the job
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def assert_same_run(save_dir, reference):
@@ -192,27 +224,6 @@ def test_worker_killed_under_max_restarts_completes_like_an_uninterrupted_run(ti
     assert code == 0, err[-3000:]
     assert "resumed from" in out_text and "lost a peer" in err
     assert_same_run(out, reference)  # the steps after checkpoint-2 that the first round logged were dropped
-
-
-def test_stopped_peer_ends_the_job_within_the_timeout(tiny_model, small_data, tmp_path):
-    """A worker stopped with SIGSTOP: its peer's collective times out after 0.5 minutes and names the flag; torchrun
-    then ends the stopped worker (SIGKILL after its 30 s shutdown wait)."""
-    out = str(tmp_path / "run")
-    args = train_args(tiny_model, small_data, out, "--distributed_timeout_minutes", "0.5", "--epochs", "1000")
-    proc = start(torchrun_cmd(args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:]))
-    wait_for(lambda: steps_logged(out) >= 1, proc)
-    workers = workers_of(proc)
-    os.kill(workers[-1], signal.SIGSTOP)
-    t0 = time.time()
-    code, _, err = finish(proc, timeout=120)
-    gone_in = time.time() - t0
-    assert code != 0
-    assert gone_in <= 90, f"the job held on for {gone_in:.0f}s"
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
-    lines = [line for line in err.splitlines() if "timed out after --distributed_timeout_minutes 0.5" in line]
-    assert lines and lines[0].startswith("[rank 0] error: a collective ("), err[-3000:]
-    print(f"SIGSTOP: every process gone {gone_in:.0f}s after the stop; {lines[0]}")
 
 
 def free_space_run(tiny_model, small_data, save_dir, steps, **env):
@@ -376,3 +387,20 @@ def test_generation_in_chunks_changes_no_result(tiny_model, tmp_path, monkeypatc
         with open(batch_generate.run_generation(args, model, tok, ps, torch.float32)) as f:
             written.append(f.read())
     assert written[0] == written[1] and len(written[0].splitlines()) == 5
+
+
+def test_stopped_peer_ends_the_job_within_the_timeout(stopped_peer):
+    """(Last in the file: the job started before the first test.) Rank 0's collective times out after 0.5 minutes
+    and names the flag; torchrun then ends the stopped worker (SIGKILL after its 30 s shutdown wait)."""
+    stopped_peer["waiter"].join(timeout=max(1.0, 150 - (time.time() - stopped_peer["stopped_at"])))
+    proc = stopped_peer["proc"]
+    assert proc.poll() is not None, "the job still holds on, 150 s after a worker was stopped"
+    gone_in = stopped_peer["ended_at"] - stopped_peer["stopped_at"]
+    assert proc.returncode != 0
+    assert gone_in <= 90, f"the job held on for {gone_in:.0f}s"
+    for pid in stopped_peer["workers"]:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    err = stopped_peer["stderr"].read_text()
+    lines = [line for line in err.splitlines() if "timed out after --distributed_timeout_minutes 0.5" in line]
+    assert lines and lines[0].startswith("[rank 0] error: a collective ("), err[-3000:]
+    print(f"SIGSTOP: every process gone {gone_in:.0f}s after the stop; {lines[0]}")
