@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,8 +56,8 @@ def torchrun_cmd(args, *launcher):
 
 def mpirun_cmd(args):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return ["mpirun", "-np", "2", *root, "--oversubscribe", sys.executable, os.path.join(ROOT, "solver_train.py"),
-            *args]
+    return ["mpirun", "-np", "2", *root, "--oversubscribe", *shlex.split(os.environ.get("MPIRUN_ARGS", "")),
+            sys.executable, os.path.join(ROOT, "solver_train.py"), *args]
 
 
 def mpi_free_env():
