@@ -4,8 +4,9 @@
 #   bash mpirun.sh hostfile train-multi-node.sh --ckpt_dir CKPT ...   # or your solver_train.py flags
 # It reads its node rank and the node count from OpenMPI (OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE) and the
 # master address from mpirun.sh (MASTER_ADDR / MASTER_PORT), then runs torchrun with NPROC_PER_NODE
-# processes (default: one per GPU, 1 without GPUs) and MAX_RESTARTS (torchrun --max_restarts, default 0: with K > 0
-# and --resume true every node's torchrun restarts its workers from the newest checkpoint). Global rank = node rank x NPROC_PER_NODE + local rank,
+# processes (default: one per GPU that torch sees, 1 without GPUs) and MAX_RESTARTS (torchrun --max_restarts,
+# default 0: with K > 0 and --resume true every node's torchrun restarts its workers from the newest checkpoint).
+# Global rank = node rank x NPROC_PER_NODE + local rank,
 # so MP (the innermost dimension of the rank grid) stays inside a node when it divides NPROC_PER_NODE.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")" && pwd)"
@@ -15,11 +16,13 @@ nnodes="${OMPI_COMM_WORLD_SIZE:?not set: start this script with mpirun.sh HOSTFI
 master_addr="${MASTER_ADDR:?not set: start this script with mpirun.sh, which takes it from the hostfile}"
 master_port="${MASTER_PORT:-29500}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=1
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-    if [ "$gpus" -gt 0 ]; then NPROC_PER_NODE="$gpus"; fi
-  fi
+  # the GPUs torch sees (CUDA_VISIBLE_DEVICES respected; nvidia-smi -L lists every GPU of the machine)
+  gpus="$("${PYTHON:-python3}" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
+    2>/dev/null || echo 0)"
+  case "$gpus" in
+    '' | *[!0-9]* | 0) NPROC_PER_NODE=1 ;;
+    *) NPROC_PER_NODE="$gpus" ;;
+  esac
 fi
 
 # torchrun's node rank 0 hosts the rendezvous at MASTER_ADDR, so it must run on that machine.

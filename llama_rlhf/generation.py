@@ -208,8 +208,10 @@ class Generator:
             self.relayout(-min(r.start for r in self.active))
         rows, offset = len(self.active), min(r.start for r in self.active)
         device = self.ps.device
-        ids = torch.tensor([[r.out.token_ids[-1]] for r in self.active], device=device)  # [B, 1]
-        positions = torch.tensor([[r.prompt_len + len(r.out.token_ids) - 1] for r in self.active], device=device)
+        # last token and its position of every row in one host-to-device copy per step
+        step = torch.tensor([[r.out.token_ids[-1], r.prompt_len + len(r.out.token_ids) - 1] for r in self.active])
+        step = step.to(device, non_blocking=True) if device.type == "cuda" else step
+        ids, positions = step[:, :1], step[:, 1:]  # [B, 1] each
         self.cache.valid[:rows, self.t] = True
         logits = self.forward_last_logits(ids, positions, self.cache.valid[:rows, offset:],
                                           self.cache.window(rows, offset, self.t - offset))

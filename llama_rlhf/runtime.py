@@ -14,7 +14,7 @@ import torch
 from .checkpoint.hf import CheckpointError
 from .jsonl import DataError
 from .models.config import ConfigError
-from .parallel.state import LayoutError
+from .parallel.layout import LayoutError
 
 
 class UsageError(ValueError):

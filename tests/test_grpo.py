@@ -14,7 +14,7 @@ from llama_rlhf.parallel.layers import take_shard
 from llama_rlhf.parallel.state import single_process_state
 from llama_rlhf.training.grad_sync import GradientSync
 from llama_rlhf.training.grpo import Prompt, Rollout, fill_logprobs, grpo_backward
-from llama_rlhf.training.grpo_loss import LOSS_TYPES
+from llama_rlhf.training.grpo_loss import LossConfig
 from tests.distributed import assert_check, grid, run_checks
 from tests.hf_reference import write_tiny_chat_model
 from tests.launch import ROOT, launch_ranks, torchrun
@@ -44,28 +44,38 @@ def synthetic_rollouts(seed=0, groups=2, group_size=3):
     return rollouts
 
 
-def run_grpo_backward(model, rollouts, ps, loss_type, mask_truncated):
+def run_grpo_backward(model, rollouts, ps, loss, mask_truncated):
     tokens = sum(len(r.completion_ids) for r in rollouts if not (mask_truncated and r.truncated))
     return grpo_backward(model, rollouts, ps, temperature=TEMPERATURE, compute_dtype=torch.float32, pad_id=0,
-                         loss_type=loss_type, eps_low=0.2, eps_high=0.28, beta=0.05,
-                         global_sequences=len(rollouts), global_tokens=tokens, global_micro_batches=1,
+                         loss=loss, global_sequences=len(rollouts), global_tokens=tokens, global_micro_batches=1,
                          max_completion_length=8, mask_truncated=mask_truncated, on_policy=False)
+
+
+ALL_LAYOUTS, SP_LAYOUTS = ((2, 1), (1, 2), (2, 2)), ((2, 2),)
+# (loss, mask truncated completions, layouts): the clipped loss types everywhere, each newer variant at MP=2 x SP=2
+SHARDED_CASES = [(LossConfig(t, 0.2, 0.28, beta=0.05, kl_estimator="k3"), t == "grpo", ALL_LAYOUTS)
+                 for t in ("grpo", "bnpo", "dr_grpo", "dapo")] + [
+    (LossConfig("cispo", beta=0.05, cispo_epsilon_max=0.3), False, SP_LAYOUTS),
+    (LossConfig("sapo", beta=0.05), True, SP_LAYOUTS),
+    (LossConfig("grpo", 0.2, 0.28, beta=0.05, importance_sampling_level="sequence"), True, ((1, 2), (2, 2))),
+    (LossConfig("dapo", 0.2, 0.28, beta=0.05, delta=1.3, entropy_coef=0.03), False, SP_LAYOUTS),
+    (LossConfig("cispo", importance_sampling_level="sequence", entropy_coef=0.03), False, SP_LAYOUTS)]
 
 
 def check_sharded_loss_and_grads_equal_single_process(*_):
     rollouts = synthetic_rollouts()
     single = single_process_state()
-    for loss_type in LOSS_TYPES:
-        mask_truncated = loss_type == "grpo"
+    for cfg, mask_truncated, layouts in SHARDED_CASES:
+        loss_type = f"{cfg.loss_type}/{cfg.importance_sampling_level}/{cfg.kl_estimator}"
         ref_model = build_model(tiny_config(), single)
         init_weights(ref_model, seed=1)
-        ref = run_grpo_backward(ref_model, rollouts, single, loss_type, mask_truncated)
+        ref = run_grpo_backward(ref_model, rollouts, single, cfg, mask_truncated)
         ref_grads = dict((n, p.grad) for n, p in ref_model.named_parameters())
-        for mp, sp in ((2, 1), (1, 2), (2, 2)):
+        for mp, sp in layouts:
             ps = grid(mp, sp)
             model = build_model(tiny_config(), ps)
             init_weights(model, seed=1)
-            stats = run_grpo_backward(model, rollouts, ps, loss_type, mask_truncated)
+            stats = run_grpo_backward(model, rollouts, ps, cfg, mask_truncated)
             GradientSync(model, ps).reduce_model_parallel()
             loss = all_reduce(torch.tensor(stats.loss, dtype=torch.float64), ps.sp_group).item()
             assert abs(loss - ref.loss) <= 1e-5 * max(1.0, abs(ref.loss)), f"{loss_type} MP={mp} SP={sp}: loss"
@@ -97,7 +107,68 @@ def check_trainer_log_probs_equal_sampler_log_probs(*_):
             assert diff <= 1e-4, f"MP={mp}: trainer and sampler log-probs differ by {diff:.2e}"
 
 
-CHECKS = [check_sharded_loss_and_grads_equal_single_process, check_trainer_log_probs_equal_sampler_log_probs]
+def sharp_model(ps, seed=2):
+    model = build_model(tiny_config(), ps)
+    init_weights(model, seed=seed)
+    with torch.no_grad():  # sharper logits than the tiny init gives
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return model
+
+
+def check_sp_rollouts_are_split_and_equal_sp1(*_):
+    from llama_rlhf.generation import generate
+    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.training import sp_rollouts
+    prompts = [[5, 6, 7], [9, 3, 2, 11, 4], [1, 2], [40, 41, 42, 43], [7] * 6]
+    keys = [10, 11, 12, 13, 14]
+    reference_model, model = sharp_model(grid(1, 1)), sharp_model(grid(1, 2))
+    ps = grid(1, 2)
+    calls = []
+
+    def counted(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(model, prompts, *args, **kwargs)
+
+    sp_rollouts.generate, original = counted, sp_rollouts.generate
+    try:
+        for temperature in (0.0, TEMPERATURE):  # greedy, and sampling from keyed random streams
+            params = SamplingParams(temperature=temperature, max_new_tokens=8, num_samples=3)
+            want = generate(reference_model, prompts, params, {96}, grid(1, 1), max_batch_size=15, seed=5,
+                            prompt_keys=keys)
+            got = sp_rollouts.generate_rollouts(model, prompts, params, {96}, ps, prompt_keys=keys, seed=5)
+            for w, g in zip(want, got, strict=True):
+                for a, b in zip(w, g, strict=True):
+                    assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason, (temperature, a, b)
+                    assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0) <= 1e-5
+    finally:
+        sp_rollouts.generate = original
+    assert calls == [3 - ps.sp_rank] * 2, calls  # SP rank 0 sampled prompts 0, 2, 4; rank 1 prompts 1, 3
+
+
+def check_logits_in_row_chunks_equal_whole(*_):
+    from llama_rlhf.training.grpo import local_part, rollout_batch, token_logprobs
+    ps = grid(2, 1)
+    model = sharp_model(ps)
+    rollouts = synthetic_rollouts(seed=3)
+    batch = local_part(rollout_batch(rollouts, 0, 1), ps)
+    weight = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for rows in (None, 3):  # whole (one chunk), and chunks of 3 rows recomputed in backward
+        model.zero_grad()
+        logp, entropy = token_logprobs(model, batch, ps, TEMPERATURE, torch.float32, with_entropy=True,
+                                       chunk_rows=rows)
+        (logp * weight).sum().backward()
+        results.append((logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, e0, g0), (lp1, e1, g1) = results
+    assert (batch["labels"] != -100).sum() > 6  # several chunks
+    assert torch.allclose(lp0, lp1, atol=1e-6) and torch.allclose(e0, e1, atol=1e-6)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-5), name
+
+
+CHECKS = [check_sharded_loss_and_grads_equal_single_process, check_trainer_log_probs_equal_sampler_log_probs,
+          check_sp_rollouts_are_split_and_equal_sp1, check_logits_in_row_chunks_equal_whole]
 
 
 @pytest.fixture(scope="module")

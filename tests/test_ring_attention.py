@@ -154,7 +154,42 @@ def check_gather_zigzag(out_dir):
     assert torch.equal(gather_zigzag(zigzag_split(full, 4, ps.sp_rank), ps.sp_group), full)
 
 
-CHECKS = [check_ring_matches_full_attention, check_bf16_autocast, check_balance, check_errors, check_gather_zigzag]
+def check_block_plan_once_per_forward(out_dir):
+    """A 3-layer model forward + backward under SP=2 with packed segments builds one block plan and gathers the
+    segment ids once (not per layer, nor again in backward)."""
+    from llama_rlhf.models.config import ModelConfig
+    from llama_rlhf.models.init import init_weights
+    from llama_rlhf.models.pretrained import build_model
+    from llama_rlhf.parallel import ring_attention as ra
+    ps = grid(1, 2)
+    cfg = ModelConfig("llama-hf", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                      num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
+    model = build_model(cfg, ps)
+    init_weights(model, seed=0)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    segments = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7])
+    counts = {"plans": 0, "gathers": 0}
+    plan_init, gather = ra.BlockPlan.__init__, ra.Ring.all_gather
+
+    def counted_init(self, *args, **kwargs):
+        counts["plans"] += 1
+        plan_init(self, *args, **kwargs)
+
+    def counted_gather(self, tensor):
+        counts["gathers"] += 1
+        return gather(self, tensor)
+
+    ra.BlockPlan.__init__, ra.Ring.all_gather = counted_init, counted_gather
+    try:
+        logits = model(zigzag_split(ids, 2, ps.sp_rank), segment_ids=zigzag_split(segments, 2, ps.sp_rank))
+        logits.float().pow(2).mean().backward()
+    finally:
+        ra.BlockPlan.__init__, ra.Ring.all_gather = plan_init, gather
+    assert counts == {"plans": 1, "gathers": 1}, counts
+
+
+CHECKS = [check_ring_matches_full_attention, check_bf16_autocast, check_balance, check_errors, check_gather_zigzag,
+          check_block_plan_once_per_forward]
 
 
 @pytest.fixture(scope="module")

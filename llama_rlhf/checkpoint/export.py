@@ -45,14 +45,15 @@ def assemble(pieces: list[torch.Tensor], info: ShardInfo) -> torch.Tensor:
 
 
 def gather_full(param: torch.Tensor, ps) -> torch.Tensor | None:
-    """On global rank 0: the full tensor of a sharded parameter; on the other members of its MP group: None."""
+    """On global rank 0: the full tensor of a sharded parameter, on the host (each gathered piece leaves the GPU at
+    once, so a save never holds a shard's worth of weights there); on the other members of its MP group: None."""
     info = param.shard
     local = param.detach().contiguous()
     if info.dim is None or group_size(ps.mp_group) == 1:
-        return assemble([local] * max(1, ps.mp_size), info) if ps.rank == 0 else None
+        return assemble([local.cpu()] * max(1, ps.mp_size), info) if ps.rank == 0 else None
     pieces = [torch.empty_like(local) for _ in range(ps.mp_size)] if ps.rank == 0 else None
     dist.gather(local, pieces, dst=ps.mp_ranks[0], group=ps.mp_group)
-    return assemble(pieces, info) if ps.rank == 0 else None
+    return assemble([p.cpu() for p in pieces], info) if ps.rank == 0 else None
 
 
 def hf_config_dict(cfg, source_config: str | None, dtype: torch.dtype) -> dict:
@@ -84,11 +85,12 @@ def hf_config_dict(cfg, source_config: str | None, dtype: torch.dtype) -> dict:
 
 
 def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir: str | None,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 2**30) -> None:
+              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 2**30, tensors=None) -> None:
     """Write ``model`` as an HF folder into ``out_dir`` (an existing directory). Call on every rank.
 
-    A failed write (a WriteError on rank 0) is raised after the last collective, so the other ranks are not left
-    waiting in a gather."""
+    ``tensors``: (name, tensor with ``.shard``) pairs to write instead of the model's parameters (a merged LoRA
+    model: ``models.lora.merged_tensors``). A failed write (a WriteError on rank 0) is raised after the last
+    collective, so the other ranks are not left waiting in a gather."""
     shards, current, size, failed = [], {}, 0, []
 
     def flush():
@@ -104,7 +106,7 @@ def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir:
         current, size = {}, 0
 
     writes = ps.dp_rank == 0 and ps.sp_rank == 0  # the MP group holding global rank 0
-    for name, param in model.named_parameters():
+    for name, param in (model.named_parameters() if tensors is None else tensors):
         if not writes:
             continue
         full = gather_full(param, ps)

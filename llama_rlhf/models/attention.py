@@ -66,21 +66,26 @@ def decode_attention(q, k, v, scale: float, mask) -> torch.Tensor:
 
 
 def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, window_only: bool = False) -> torch.Tensor:
     """Attention of q [B, Sq, Hq, D] over k/v [B, Sk, Hkv, D] (GQA) -> [B, Sq, Hq, D].
 
-    ``mask`` comes from ``build_mask`` (None: causal). flash-attn on CUDA for the plain causal case when
-    installed, otherwise PyTorch SDPA; the explicit kernel only when scores must be soft-capped.
+    ``mask`` comes from ``build_mask`` (None: causal); ``window_only``: the mask is causal + ``window`` and nothing
+    else (no packing, padding or cache), which flash-attn takes as its window argument instead. flash-attn on
+    CUDA when installed and the mask allows, otherwise PyTorch SDPA; the explicit kernel only when scores must be
+    soft-capped. On CUDA a masked SDPA gets repeated KV heads: SDPA's GQA with a mask falls back to the math
+    kernel (fp32 [B, H, S, S] scores), the repeat keeps the memory-efficient one.
     """
     n_rep = q.shape[2] // k.shape[2]
-    if (flash_attn_func is not None and q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[1] == k.shape[1]):
+    if (flash_attn_func is not None and q.is_cuda and (mask is None or (window_only and window))
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] == k.shape[1]):
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
                                window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
     if q.shape[1] == 1 and mask is not None and softcap is None and n_rep > 1:
         return decode_attention(q, k, v, scale, mask)
     if softcap is not None:
         return softcapped_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap)
+    if q.is_cuda and mask is not None and n_rep > 1:
+        k, v, n_rep = repeat_kv(k, n_rep), repeat_kv(v, n_rep), 1
     # KV heads are shared by their query group inside SDPA (no repeated copy of K and V)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=n_rep > 1)

@@ -65,7 +65,11 @@ def yarn_inv_freq(theta: float, dim: int, s: dict, max_positions: int) -> tuple[
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for explicit position ids, computed in fp32."""
+    """cos/sin tables for explicit position ids, computed in fp32.
+
+    ``inv_freq`` stays fp32 whatever dtype the model is cast to (``model.to(torch.bfloat16)`` moves it, never
+    rounds it): bf16 frequencies put angle errors of a radian or more on positions in the thousands.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int):
         super().__init__()
@@ -86,12 +90,22 @@ class RotaryEmbedding(nn.Module):
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Module-wide casts (``.to(dtype)``, ``.half()``) move the fp32 tables to the new device only."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] -> cos, sin [B, S, 1, head_dim] (fp32, broadcast over heads).
 
         A position at or beyond max_position_embeddings is an error (the model was not built for it).
         """
-        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
+        if position_ids.numel() and position_ids.device.type != "cpu":  # no host sync per forward on a GPU
+            torch._assert_async(position_ids.max() < self.max_positions,
+                                f"a position id is beyond max_position_embeddings ({self.max_positions})")
+        elif position_ids.numel() and int(position_ids.max()) >= self.max_positions:
             raise PositionError(f"position {int(position_ids.max())} is beyond this model's max_position_embeddings "
                                 f"({self.max_positions}): sequences may be at most {self.max_positions} tokens long; "
                                 f"shorten them (e.g. --max_seq_len {self.max_positions})")

@@ -35,6 +35,7 @@ class ForwardContext:
     kv_cache: object | None = None  # generation: .update(layer, k, v) -> (k_all, v_all), .start
     sp_group: object = None  # sequence-parallel ring (None: whole sequences on this rank)
     masks: dict | None = None  # built once per forward, keyed by window
+    window_only: bool = False  # the masks are causal + sliding window alone (flash-attn takes the window)
 
 
 class RMSNorm(nn.Module):
@@ -87,11 +88,12 @@ class Attention(nn.Module):
         if ctx.sp_group is not None:
             from ..parallel.ring_attention import ring_attention
             out = ring_attention(q, k, v, ctx.sp_group, scale=self.scale, softcap=self.softcap, window=self.window,
-                                 segment_ids=ctx.segment_ids)  # this rank's zigzag chunks, whole-sequence attention
+                                 segment_ids=ctx.segment_ids, plans=ctx.masks)  # this rank's zigzag chunks
         else:
             if ctx.kv_cache is not None:
                 k, v = ctx.kv_cache.update(self.layer, k, v)  # [B, Sk, Hkv_local, D]
-            out = attention(q, k, v, self.scale, ctx.masks.get(self.window), self.softcap, self.window)
+            out = attention(q, k, v, self.scale, ctx.masks.get(self.window), self.softcap, self.window,
+                            ctx.window_only)
         return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, H/mp*D] -> [B, S, hidden]
 
 
@@ -187,7 +189,8 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(q_start, q_start + s, device=input_ids.device).expand(b, s)
         cos, sin = self.model.rotary(position_ids)
-        ctx = ForwardContext(cos, sin, segment_ids, key_valid, kv_cache, sp_group, masks={})
+        ctx = ForwardContext(cos, sin, segment_ids, key_valid, kv_cache, sp_group, masks={},
+                             window_only=segment_ids is None and key_valid is None and kv_cache is None)
         if sp_group is None:
             k_len = q_start + s
             for window in {self.cfg.layer_window(i) for i in range(self.cfg.num_layers)}:

@@ -19,8 +19,14 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
-def _row_chunks(n_rows: int, n_cols: int, elements: int = 2**22):
-    """Row slices of a [n_rows, n_cols] tensor holding about ``elements`` entries each (cache-sized work)."""
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}  # cache-sized on the CPU; on a GPU few launches, 256 MiB fp32
+
+
+def _row_chunks(n_rows: int, n_cols: int, elements: int | None = None, device=None):
+    """Row slices of a [n_rows, n_cols] tensor holding about ``elements`` entries each (by default sized for the
+    device: a CPU's cache, or on a GPU large enough that a 128k vocabulary costs a handful of launches)."""
+    if elements is None:
+        elements = CHUNK_ELEMENTS.get(getattr(device, "type", "cpu"), CHUNK_ELEMENTS["cuda"])
     step = max(1, elements // max(n_cols, 1))
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
@@ -41,7 +47,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         n_rows, n_local = logits.shape  # [N, V/mp], any float dtype; reductions in at least fp32
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         vocab_start = group_rank(group) * n_local
-        chunks = _row_chunks(n_rows, n_local)
+        chunks = _row_chunks(n_rows, n_local, device=logits.device)
         row_max = torch.empty(n_rows, dtype=acc, device=logits.device)
         for c in chunks:
             row_max[c] = logits[c].max(dim=-1).values.to(acc)
@@ -71,7 +77,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         scale = (grad_loss * valid).to(lse.dtype)
         grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
         same_dtype = logits.dtype == lse.dtype
-        for c in _row_chunks(*logits.shape):
+        for c in _row_chunks(*logits.shape, device=logits.device):
             # softmax rows, computed straight into the gradient when it has the reduction dtype
             p = torch.sub(logits[c], lse[c].unsqueeze(-1), out=grad[c]) if same_dtype else \
                 logits[c].to(lse.dtype) - lse[c].unsqueeze(-1)
@@ -103,16 +109,40 @@ def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, group,
     return -vocab_parallel_cross_entropy(logits, target, group, IGNORE_INDEX, overwrite_logits)
 
 
-def vocab_parallel_entropy(logits: torch.Tensor, group) -> torch.Tensor:
-    """Entropy of softmax(logits) per token (fp32, no gradient): [..., V/mp] -> [...]."""
-    with torch.no_grad():
-        x = upcast(logits)
-        x = x - all_reduce(x.max(dim=-1, keepdim=True).values, group, op=dist.ReduceOp.MAX)
+class _VocabParallelEntropy(torch.autograd.Function):
+    """fwd: per-row entropy of softmax(logits) (all-reduce MAX of the row max, then SUM of sum-exp and sum of
+    exp x shifted logit over MP); bwd: -p (log p + H) * grad on the local vocab slice, no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        x = upcast(logits)  # [N, V/mp]
+        row_max = all_reduce(x.max(dim=-1, keepdim=True).values, group, op=dist.ReduceOp.MAX)
+        x = x - row_max
         p_unnorm = x.exp()
         sums = all_reduce(torch.stack([p_unnorm.sum(-1), (p_unnorm * torch.nan_to_num(x, neginf=0.0)).sum(-1)]),
                           group)
         sum_exp, weighted = sums[0], sums[1]
-        return torch.log(sum_exp) - weighted / sum_exp
+        entropy = torch.log(sum_exp) - weighted / sum_exp
+        ctx.save_for_backward(logits, torch.log(sum_exp) + row_max.squeeze(-1), entropy)
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, lse, entropy = ctx.saved_tensors
+        log_p = upcast(logits) - lse.unsqueeze(-1)
+        g = -log_p.exp() * (torch.nan_to_num(log_p, neginf=0.0) + entropy.unsqueeze(-1)) * grad.unsqueeze(-1)
+        return g.to(logits.dtype), None
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, group, differentiable: bool = False) -> torch.Tensor:
+    """Entropy of softmax(logits) per token (fp32): [N, V/mp] -> [N]; padded vocab entries must be -inf.
+
+    ``differentiable`` keeps the logits for backward (an entropy bonus); otherwise no graph is recorded.
+    Callers that differentiate must not let another node overwrite the logits in place."""
+    if differentiable:
+        return _VocabParallelEntropy.apply(logits, group)
+    with torch.no_grad():
+        return _VocabParallelEntropy.apply(logits, group)
 
 
 def mean_over_tokens(per_token: torch.Tensor, target: torch.Tensor, reduce_group,

@@ -273,38 +273,53 @@ class Block:
 
 
 class BlockPlan:
-    """For every source rank of the ring: which rows and keys my queries attend, and with which mask."""
+    """For every source rank of the ring: which rows and keys my queries attend, and with which mask.
+
+    Built once per forward (shared by the layers with the same window, and by backward): positional masks are made
+    on the host, and the empty/full tests of all blocks cost one device-to-host copy (none without segments)."""
 
     def __init__(self, ring: Ring, local_len: int, device, window: int | None, segments: list | None):
         self.ring, self.window, self.segments = ring, window, segments
         self.chunk = local_len // 2
         total = local_len * ring.size
-        self.slots = [zigzag_slots(total, ring.size, r, device) for r in range(ring.size)]
+        self.slots = [zigzag_slots(total, ring.size, r) for r in range(ring.size)]  # host
+        self.blocks = self._build(device)
 
-    def block(self, source: int) -> Block | None:
+    def _rows(self, source: int) -> tuple[slice, slice, bool]:
         me, c = self.ring.rank, self.chunk
         if source == me:
-            q_rows, k_rows, causal = slice(0, 2 * c), slice(0, 2 * c), True
-        elif source < me:
-            q_rows, k_rows, causal = slice(0, 2 * c), slice(0, c), False
-        else:
-            q_rows, k_rows, causal = slice(c, 2 * c), slice(0, 2 * c), False
+            return slice(0, 2 * c), slice(0, 2 * c), True
+        if source < me:
+            return slice(0, 2 * c), slice(0, c), False
+        return slice(c, 2 * c), slice(0, 2 * c), False
+
+    def _build(self, device) -> dict[int, Block | None]:
+        me, sources = self.ring.rank, range(self.ring.size)
         if self.window is None and self.segments is None:
-            return Block(source, q_rows, k_rows, causal, None)
-        q_slot = self.slots[me][q_rows].view(-1, 1)
-        k_slot = self.slots[source][k_rows].view(1, -1)
-        allowed = k_slot <= q_slot
-        if self.window is not None:
-            allowed = allowed & (q_slot - k_slot < self.window)
-        allowed = allowed.view(1, 1, *allowed.shape)
-        if self.segments is not None:
-            q_seg, k_seg = self.segments[me][:, q_rows], self.segments[source][:, k_rows]
-            allowed = allowed & (q_seg.unsqueeze(-1) == k_seg.unsqueeze(1)).unsqueeze(1)
-        if not bool(allowed.any()):
-            return None
-        if bool(allowed.all()):
-            return Block(source, q_rows, k_rows, False, None)
-        return Block(source, q_rows, k_rows, False, allowed)
+            return {s: Block(s, *self._rows(s), None) for s in sources}
+        masks = {}
+        for source in sources:
+            q_rows, k_rows, _ = self._rows(source)
+            q_slot = self.slots[me][q_rows].view(-1, 1)
+            k_slot = self.slots[source][k_rows].view(1, -1)
+            allowed = k_slot <= q_slot
+            if self.window is not None:
+                allowed = allowed & (q_slot - k_slot < self.window)
+            allowed = allowed.view(1, 1, *allowed.shape)
+            if self.segments is not None:
+                q_seg, k_seg = self.segments[me][:, q_rows], self.segments[source][:, k_rows]
+                allowed = allowed.to(device) & (q_seg.unsqueeze(-1) == k_seg.unsqueeze(1)).unsqueeze(1)
+            masks[source] = allowed
+        flags = torch.stack([torch.stack([m.any(), m.all()]) for m in masks.values()]).tolist()  # one sync
+        blocks = {}
+        for (source, mask), (some, every) in zip(masks.items(), flags):
+            q_rows, k_rows, _ = self._rows(source)
+            blocks[source] = (None if not some else Block(source, q_rows, k_rows, False, None) if every
+                              else Block(source, q_rows, k_rows, False, mask.to(device)))
+        return blocks
+
+    def block(self, source: int) -> Block | None:
+        return self.blocks[source]
 
 
 def _kernel_for(kernel, block: Block):
@@ -330,12 +345,16 @@ class _RingAttention(torch.autograd.Function):
     bwd: K/V around again, dK/dV accumulators travelling with them arrive at their owners after SP hops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, softcap, window, segment_ids, kernel_name):
+    def forward(ctx, q, k, v, group, scale, softcap, window, segment_ids, kernel_name, plans):
         with _no_autocast(q.device):
             ring = Ring(group)
             kernel = choose_kernel(q, softcap, kernel_name)
-            segments = ring.all_gather(segment_ids) if segment_ids is not None else None
-            plan = BlockPlan(ring, q.shape[1], q.device, window, segments)
+            plan = plans.get(("ring", window)) if plans is not None else None
+            if plan is None:  # once per forward: the segment ids are gathered and the masks made here only
+                segments = ring.all_gather(segment_ids) if segment_ids is not None else None
+                plan = BlockPlan(ring, q.shape[1], q.device, window, segments)
+                if plans is not None:
+                    plans[("ring", window)] = plan
             acc = accumulation_dtype(q.dtype)
             kv = torch.stack([k, v])  # the travelling buffer [2, B, S, Hkv, D], q's dtype on every rank
             out = _heads_first(torch.empty(q.shape, dtype=acc, device=q.device))  # [B, H, S, D] view
@@ -363,7 +382,7 @@ class _RingAttention(torch.autograd.Function):
             out = out.transpose(1, 2).to(q.dtype)  # [B, S, H, D], contiguous
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.softcap, ctx.kernel = group, scale, softcap, kernel
-        ctx.window, ctx.segments = window, segments
+        ctx.plan = plan
         return out
 
     @staticmethod
@@ -371,8 +390,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         scale, softcap, kernel = ctx.scale, ctx.softcap, ctx.kernel
         with _no_autocast(q.device):
-            ring = Ring(ctx.group)
-            plan = BlockPlan(ring, q.shape[1], q.device, ctx.window, ctx.segments)
+            ring, plan = Ring(ctx.group), ctx.plan
             acc = accumulation_dtype(q.dtype)
             dout = dout.to(q.dtype)
             kv = torch.stack([k, v])  # [2, B, S, Hkv, D]
@@ -399,18 +417,20 @@ class _RingAttention(torch.autograd.Function):
                 if incoming is not None:
                     kv = incoming.wait()
             dkv = travelling.wait()  # after SP hops: the gradient of my own K/V
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group, scale: float,
                    softcap: float | None = None, window: int | None = None,
-                   segment_ids: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+                   segment_ids: torch.Tensor | None = None, kernel: str | None = None,
+                   plans: dict | None = None) -> torch.Tensor:
     """Exact causal attention of this rank's zigzag chunks over the whole sequence held by the SP ring.
 
     q [B, S_local, Hq, D], k/v [B, S_local, Hkv, D] (GQA, un-repeated) -> [B, S_local, Hq, D].
     ``window``: keys more than window − 1 slots back are masked (Mistral, Gemma 2); ``softcap``: scores
     soft-capped by tanh (Gemma 2); ``segment_ids`` [B, S_local]: packed documents attend only within
-    themselves. ``kernel`` forces a block kernel ('math', 'cpu_flash', 'flash_attn'); None chooses.
+    themselves. ``kernel`` forces a block kernel ('math', 'cpu_flash', 'flash_attn'); None chooses. ``plans``: a
+    dict living for one model forward (the layers share its block plans; the same segment ids in every layer).
     """
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[1] != s or k.shape[3] != d or hq % k.shape[2]:
@@ -423,4 +443,4 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group, 
                          f"batch to a multiple of 2 x --sequence_parallel_size")
     if segment_ids is not None and tuple(segment_ids.shape) != (b, s):
         raise ValueError(f"ring_attention: segment_ids {tuple(segment_ids.shape)} must be [B, S_local] = {(b, s)}")
-    return _RingAttention.apply(q, k, v, sp_group, float(scale), softcap, window, segment_ids, kernel)
+    return _RingAttention.apply(q, k, v, sp_group, float(scale), softcap, window, segment_ids, kernel, plans)

@@ -14,21 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
-class LayoutError(ValueError):
-    """An impossible parallel layout (raised identically on every rank, before any collective)."""
-
-
-def check_layout(world_size: int, mp: int, sp: int) -> int:
-    """Return DP = world / (MP * SP), or raise a LayoutError naming the numbers and the flags."""
-    if mp < 1 or sp < 1:
-        raise LayoutError(f"--model_parallel_size ({mp}) and --sequence_parallel_size ({sp}) must be >= 1")
-    if world_size % (mp * sp) != 0:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by --model_parallel_size {mp} x "
-            f"--sequence_parallel_size {sp} = {mp * sp}; choose sizes whose product divides {world_size}"
-        )
-    return world_size // (mp * sp)
+from .layout import LayoutError, check_layout  # noqa: F401 (LayoutError: re-exported)
 
 
 def rank_grid(world_size: int, mp: int, sp: int) -> torch.Tensor:
@@ -73,7 +59,10 @@ class ParallelState:
             mine = None
             for ranks in groups:
                 ranks = [int(r) for r in ranks]
-                group = dist.new_group(ranks, timeout=timeout) if len(ranks) < world else dist.group.WORLD
+                # a group of one rank never communicates (every primitive checks its size): gloo, so NCCL builds
+                # no communicator for it
+                group = (dist.group.WORLD if len(ranks) == world else
+                         dist.new_group(ranks, timeout=timeout, backend="gloo" if len(ranks) == 1 else None))
                 if rank in ranks:
                     mine = (group, ranks)
             return mine
@@ -110,14 +99,26 @@ def single_process_state(device: torch.device | None = None) -> ParallelState:
     return ParallelState(1, 0, 1, 1, 1, 0, 0, 0, device or torch.device("cpu"), mp_ranks=[0], sp_ranks=[0])
 
 
-def launch_env() -> tuple[int, int, int]:
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID")
+
+
+def local_rank_from_env(env) -> int | None:
+    """This process's rank on its node as torchrun, OpenMPI, SLURM's srun or MPICH set it; None if none did."""
+    for name in LOCAL_RANK_VARIABLES:
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return None
+
+
+def launch_env() -> tuple[int, int, int | None]:
     """(rank, world_size, local_rank) from torchrun's or OpenMPI's environment; (0, 1, 0) when neither is set.
 
     torchrun's variables win: under mpirun.sh every torchrun worker also inherits its launcher's OMPI_* values.
+    The local rank is None when a launcher set RANK/WORLD_SIZE but no local rank (see ``cuda_index``).
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank_from_env(env)
     if "OMPI_COMM_WORLD_RANK" in env:
         return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                 int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
@@ -130,15 +131,30 @@ def started_by_mpirun() -> bool:
     return "OMPI_COMM_WORLD_RANK" in env and not ("RANK" in env and "WORLD_SIZE" in env)
 
 
-def pick_device(local_rank: int) -> torch.device:
-    """CUDA device ``local_rank`` when a GPU is present, else the CPU; decided once at start-up.
+def cuda_index(local_rank: int | None, rank: int, visible: int) -> int:
+    """Which of the ``visible`` GPUs this process takes: the only one when each process sees one (``srun
+    --gpus-per-task=1``, CUDA_VISIBLE_DEVICES per rank), else its local rank (the global rank modulo the count
+    when no launcher variable names a local rank)."""
+    if visible == 1:
+        return 0
+    index = rank % visible if local_rank is None else local_rank
+    if index >= visible:
+        raise LayoutError(f"local rank {index} has no GPU: this process sees {visible} GPUs "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                          f"{visible} ranks per node (torchrun --nproc_per_node {visible})")
+    return index
+
+
+def pick_device(local_rank: int | None, rank: int = 0) -> torch.device:
+    """A CUDA device (see ``cuda_index``) when a GPU is present, else the CPU; decided once at start-up.
 
     On the CPU the cores are shared out among this node's ranks (torchrun's default is one thread each);
     LLAMA_RLHF_NUM_THREADS overrides.
     """
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = cuda_index(local_rank, rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = int(os.environ.get("LLAMA_RLHF_NUM_THREADS", 0)) or max(1, cores // local_world)
@@ -214,8 +230,9 @@ def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> Pa
     OMPI_COMM_WORLD_*; MASTER_ADDR/MASTER_PORT are agreed over MPI when not exported.
 
     The layout is checked before any rendezvous, so an impossible layout fails on every rank at once.
-    NCCL on CUDA, gloo on CPU. ``timeout_minutes`` (--distributed_timeout_minutes) bounds the rendezvous and every
-    collective of every group.
+    On CUDA one process group with two backends (``cpu:gloo,cuda:nccl``): GPU tensors go over NCCL, host-side
+    objects (results, metrics gathered as Python objects) over gloo. On the CPU, gloo. ``timeout_minutes``
+    (--distributed_timeout_minutes) bounds the rendezvous and every collective of every group.
     """
     rank, world, local_rank = launch_env()
     check_layout(world, mp, sp)
@@ -224,13 +241,13 @@ def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> Pa
     if direct_mpi:  # look like torchrun's workers to everything downstream
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                           LOCAL_WORLD_SIZE=os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
-    device = pick_device(local_rank)
+    device = pick_device(local_rank, rank)
     if not dist.is_initialized():
         if direct_mpi and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
             _agree_master_over_mpi(rank)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 store=_restart_round_store(world, timeout),
                                 **({"device_id": device} if device.type == "cuda" else {}))

@@ -147,9 +147,10 @@ def _record_manifest(tmp: str, ps) -> str | None:
 
 def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: dict, ps, *,
                     source_config: str | None, tokenizer_dir: str | None, save_dtype: torch.dtype,
-                    keep: int | None) -> str:
+                    keep: int | None, export=None) -> str:
     """Write checkpoint-``step`` atomically (call on every rank); returns its path.
 
+    ``export(dir)`` writes the model part instead of the HF export (LoRA: a PEFT adapter folder).
     Every rank writes what it owns in parallel: its optimizer pieces (stage 1: its partition; stage 0: one rank per
     MP slice) and its RNG state."""
     tmp = os.path.join(save_dir, f".checkpoint-{step}.tmp")
@@ -175,7 +176,10 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: d
             error = str(exc)
     _give_up_if_failed(error, tmp, step, ps)  # also the barrier: the folder exists
     try:
-        export_hf(model, ps, tmp, source_config, tokenizer_dir, save_dtype)
+        if export is None:
+            export_hf(model, ps, tmp, source_config, tokenizer_dir, save_dtype)
+        else:
+            export(tmp)
         if pieces is not None:
             atomic_torch_save(pieces, optimizer_file(state_dir, ps.rank))
         atomic_torch_save(rng, rng_file(state_dir, ps.rank))
@@ -183,7 +187,8 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, trainer_state: d
             path = os.path.join(state_dir, "trainer.json")
             with writing(path, 0), open(path, "w", encoding="utf-8") as f:
                 json.dump({**trainer_state, "step": step, "format": STATE_FORMAT, "adam_step": optimizer.adam_step,
-                           "loss_scale": optimizer.loss_scale, **layout_of(ps, optimizer)}, f, indent=2)
+                           "loss_scale": optimizer.loss_scale, "loss_scaler": optimizer.scaler_state(),
+                           **layout_of(ps, optimizer)}, f, indent=2)
     except WriteError as exc:
         error = str(exc)
     _give_up_if_failed(error, tmp, step, ps)
@@ -253,7 +258,7 @@ def load_training_state(ckpt: str, model, optimizer, ps) -> dict:
         return trainer
     saved = SavedOptimizerState(state_dir)
     optimizer.load_state_pieces(saved.read, int(trainer["adam_step"]))
-    optimizer.loss_scale = float(trainer.get("loss_scale", 1.0))
+    optimizer.load_scaler_state(trainer.get("loss_scaler"))
     same_layout = all(trainer.get(k) == v for k, v in layout_of(ps, optimizer).items() if k != "zero_stage")
     if same_layout and os.path.isfile(rng_file(state_dir, ps.rank)):
         _set_rng_state(torch.load(rng_file(state_dir, ps.rank), map_location="cpu", weights_only=True), ps.device)

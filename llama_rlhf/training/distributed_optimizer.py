@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..parallel.comm import group_size
 from ..parallel.grad_buckets import Bucket, GradBuckets
 from .grad_sync import mp_partial_group_size
+from .loss_scale import DynamicLossScaler
 
 ZERO_STAGES = (0, 1)
 
@@ -45,7 +46,7 @@ class DistributedAdamW:
 
     def __init__(self, model: nn.Module, ps, *, stage: int, lr: float, weight_decay: float = 0.0,
                  betas=(0.9, 0.999), eps: float = 1e-8, param_dtype: torch.dtype | None = None,
-                 bucket_mb: float = 32.0):
+                 bucket_mb: float = 32.0, loss_scaler: DynamicLossScaler | None = None):
         if stage not in ZERO_STAGES:
             raise ValueError(f"--zero_stage must be one of {ZERO_STAGES}, got {stage}")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -77,7 +78,20 @@ class DistributedAdamW:
         for pc in self.pieces:
             pc.master.grad = pc.grad
         self._reduced = False
-        self.loss_scale = 1.0  # multiplied into the loss before backward (fp16); gradients are unscaled in step
+        self.scaler = loss_scaler  # fp16: dynamic loss scaling; None: the loss is not scaled
+
+    @property
+    def loss_scale(self) -> float:
+        """Multiplied into the loss before backward (fp16); the gradients are divided by it in ``step``."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def scaler_state(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        """Resume the loss scale (a checkpoint saved without one leaves the scaler at its start)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
     def _take_owned_range(self, bucket: Bucket) -> None:
         """Stage 1, before the parameters become views of the flat buffer: this rank's pieces and fp32 masters."""
@@ -134,13 +148,16 @@ class DistributedAdamW:
     def step(self, max_grad_norm: float, loss_is_finite: bool = True) -> tuple[float, bool]:
         """Finish the gradient reduction, unscale, clip, update, share the update; returns (grad norm, skipped).
 
-        A non-finite loss or gradient norm skips the update (the gradients are dropped either way)."""
+        A non-finite loss or gradient norm skips the update (the gradients are dropped either way); with a loss
+        scaler that is an overflow: the scale backs off (the norm is global, so every rank agrees)."""
         self.finish_gradients()
         grads = [pc.grad for pc in self.pieces]
         if self.loss_scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / self.loss_scale)
         norm = self.grad_norm()
         skipped = not (loss_is_finite and math.isfinite(norm))
+        if self.scaler is not None:
+            self.scaler.update(overflow=skipped)
         if not skipped:
             if max_grad_norm > 0 and norm > max_grad_norm and grads:
                 torch._foreach_mul_(grads, max_grad_norm / (norm + 1e-6))
