@@ -17,8 +17,10 @@ prompts are dealt round-robin over DP x SP replicas; MP ranks of a replica decod
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from .generation import generate
@@ -87,6 +89,9 @@ def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     return prompts
 
 
+SYNC_CHUNK_BATCHES = 8  # replicas meet after every SYNC_CHUNK_BATCHES x --max_batch_size prompts
+
+
 def replica_of(ps) -> tuple[int, int]:
     """(this rank's replica index, number of replicas): one replica per (DP, SP) coordinate."""
     return ps.dp_rank * ps.sp_size + ps.sp_rank, ps.dp_size * ps.sp_size
@@ -136,12 +141,30 @@ def generate_rows(prompts: list[Prompt], model, tok, ps, params: SamplingParams,
                   max_seq_len: int, seed: int, compute_dtype, rewards=None, progress=None,
                   progress_every: float = 30.0) -> list[dict] | None:
     """Every prompt's result row (scored when ``rewards`` are given), prompts dealt over the replicas; the rows
-    in input order on global rank 0, None elsewhere. Every rank calls it."""
+    in input order on global rank 0, None elsewhere. Every rank calls it.
+
+    The replicas meet after every chunk of prompts: a replica that is done early waits in a collective (bounded by
+    --distributed_timeout_minutes) for one chunk of the others' work at most, not for the rest of the job.
+    Sampling is keyed by prompt index, so the chunks change no result."""
     replica, replicas = replica_of(ps)
     indices = list(range(replica, len(prompts), replicas))
-    outputs = generate(model, [prompts[i].ids for i in indices], params, tok.end_ids, ps,
-                       max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed, prompt_keys=indices,
-                       compute_dtype=compute_dtype, progress=progress, progress_every=progress_every)
+    outputs, tokens_before, t0 = [], [0], time.time()
+
+    def chunk_progress(done, total, tokens, seconds):  # one chunk's counts -> this replica's whole share
+        if progress is not None:
+            progress(len(outputs) + done, len(indices), tokens_before[0] + tokens, time.time() - t0)
+        if done == total:
+            tokens_before[0] += tokens
+
+    chunk = SYNC_CHUNK_BATCHES * max_batch_size
+    for start in range(0, -(-len(prompts) // replicas), chunk):  # the same number of chunks on every replica
+        part = indices[start:start + chunk]
+        if part:
+            outputs += generate(model, [prompts[i].ids for i in part], params, tok.end_ids, ps,
+                                max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed, prompt_keys=part,
+                                compute_dtype=compute_dtype, progress=chunk_progress, progress_every=progress_every)
+        if replicas > 1:
+            dist.all_reduce(torch.zeros(1, device=ps.device), group=ps.dpsp_group)
     mine = [(i, result_row(prompts[i], out, tok, rewards)) for i, out in zip(indices, outputs)]
     return gather_rows(mine, len(prompts), ps)
 
