@@ -16,6 +16,13 @@ def parse_args(argv=None):
     add_model_flags(p)
     add_chat_flags(p)
     add_data_flags(p)
+    g = p.add_argument_group("generation tracking")
+    g.add_argument("--sample_prompts_file", default=None,
+                   help='a few prompts ({"instruction"} or {"messages"} lines) answered greedily at step 0, every '
+                        '--sample_steps and at the end; the answers go to metrics.jsonl as "samples"')
+    g.add_argument("--sample_steps", type=int, default=0, help="track the sample prompts every N steps (0: start "
+                                                                "and end only)")
+    g.add_argument("--sample_max_new_tokens", type=int, default=64, help="longest tracked answer in tokens")
     o = add_optimizer_flags(p, lr=1e-5)
     add_memory_flags(o)
     add_lora_flags(p)
@@ -28,6 +35,8 @@ def parse_args(argv=None):
     for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sample_steps and not args.sample_prompts_file:
+        raise UsageError("--sample_steps needs --sample_prompts_file (the prompts to track)")
     return args
 
 
