@@ -208,7 +208,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines += [f"{r['samples']} synthetic chat samples ({r['file_mb']} MB of jsonl), world {r['world']}: "
                   f"{r['method']}",
-                  f"  in-memory loader: {r['old_slice_s']:.1f} s and {r['old_slice_rss_mb']:.0f} MB on {r['slice']} lines"
+                  f"  in-memory loader: {r['old_slice_s']:.1f} s and {r['old_slice_rss_mb']:.0f} MB on "
+                  f"{r['slice']} lines"
                   f" -> {r['old_s_per_rank_extrapolated']:.0f} s and {r['old_rss_mb_per_rank_extrapolated']:.0f} MB "
                   f"per rank (extrapolated)",
                   f"  first run (builds the cache): {r['cold_slice_s']:.1f} s on {r['slice']} lines -> "

@@ -360,11 +360,11 @@ def summarize_data(rows):
     return out
 
 
-SUMMARIZERS = {"data": summarize_data, "train_step": summarize_train_step, "memory": summarize_memory, "mfu": summarize_mfu, "model_size": summarize_model_size,
+SUMMARIZERS = {"train_step": summarize_train_step, "memory": summarize_memory, "mfu": summarize_mfu, "model_size": summarize_model_size,
                "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
                "load": summarize_load, "comm": summarize_comm, "lora": summarize_lora,
-               "grpo_step": summarize_grpo_step}
+               "grpo_step": summarize_grpo_step, "data": summarize_data}
 
 
 def summary_table(results: dict) -> list[dict]:

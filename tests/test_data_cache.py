@@ -32,7 +32,8 @@ def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     with open(DATA) as f:
         lines = f.readlines()[:60]
-    lines[5] = json.dumps({"conversations": [{"from": "human", "value": "x " * 200}, {"from": "gpt", "value": "y"}]}) + "\n"
+    long_chat = [{"from": "human", "value": "x " * 200}, {"from": "gpt", "value": "y"}]
+    lines[5] = json.dumps({"conversations": long_chat}) + "\n"
     path.write_text("".join(lines))
     return str(path)
 

@@ -119,8 +119,9 @@ def test_prompts_of_every_format_render_like_their_messages_line(tok):
     from llama_rlhf.batch_generate import prompt_ids
     reference = prompt_ids({"messages": CHAT}, tok, True, None, "x:1")
     assert reference == tok.encode_chat(CHAT[:2], add_generation_prompt=True)
-    for obj in ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Add 2 and 3.\n2 3"},
-                                   {"from": "gpt", "value": "5"}]},
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Add 2 and 3.\n2 3"},
+             {"from": "gpt", "value": "5"}]
+    for obj in ({"conversations": turns},
                 {"instruction": "Add 2 and 3.", "input": "2 3", "output": "5", "system": "Be brief."},
                 {"prompt": CHAT[:2], "completion": CHAT[2:]}):
         assert prompt_ids(obj, tok, True, None, "x:1") == reference, obj

@@ -160,9 +160,6 @@ class TokenCache:
         nxt[-1:] = IGNORE_INDEX
         return ids, np.where(np.asarray(self.mask[s:e]) != 0, nxt, IGNORE_INDEX)
 
-    def trained_in(self, a: int, b: int) -> int:
-        return int(np.count_nonzero(self.mask[int(self.offsets[a]):int(self.offsets[b])]))
-
 
 class _PartWriter:
     """One rank's tokenized share of one source, appended to files as it goes (memory stays flat)."""

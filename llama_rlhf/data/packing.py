@@ -71,10 +71,6 @@ class CachedRows:
         segments = np.repeat(np.arange(b - a), lengths)
         return Row(ids.tolist(), labels.tolist(), positions.tolist(), segments.tolist())
 
-    def trained_tokens(self, r: int) -> int:
-        a, b = int(self.starts[r]), int(self.starts[r + 1])
-        return int(self.cache.trained_in(a, b))
-
 
 class StreamRows:
     """Pretraining rows: the cache's token stream (all samples back to back, none truncated) cut into rows of
