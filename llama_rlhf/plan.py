@@ -19,7 +19,7 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
   gradient over them; then the LM head's weight gradient.
 - GRPO: the frozen reference (--beta > 0, no LoRA) in the compute dtype, the rollouts' KV cache (rows x
   (max_seq_len + max(32, max_seq_len / 4)) slots, as solver_grpo allocates it), the fp32 logits and the entropy
-  temporaries of the update (all completion positions of a micro-batch, at most max_new_tokens each).
+  temporaries of one row chunk of the update (1 GiB of fp32 logits; chunks are recomputed in backward).
 - Setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves the parameters bucket by
   bucket into their new buffers, so the loaded fp32 copy of one bucket is all it holds beyond the training state.
   A 16-bit model (the LoRA base, the GRPO reference) is built in fp32 and cast tensor by tensor.
@@ -45,6 +45,7 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 ZERO_STAGES = (0, 1)  # training/distributed_optimizer.py (imports torch; kept equal by tests/test_plan.py)
 BUCKET_ELEMS = 32 * 2**20 // 4  # DistributedAdamW's default bucket (32 MB of fp32)
 PREFILL_TOKENS = 16384  # generation.PREFILL_TOKENS
+GRPO_LOGIT_CHUNK_BYTES = 2**30  # training/grpo.py LOGIT_CHUNK_BYTES: fp32 logits of one row chunk
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # models/lora.py
 QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}  # per base parameter (models/quant.py; int8 adds 4 bytes per row)
 
@@ -239,8 +240,9 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
     head_grad = vocab_local * h * c * (not lora)  # the LM head's weight gradient (frozen with LoRA)
     if job.job == "sft":  # logits kept in c bytes, then the LM head's weight gradient (cross-entropy's fp32 chunks
         logits = trained * vocab_local * c + head_grad  # of 2^22 elements were never at the peak in measurements)
-    else:  # fp32 logits / temperature (c-byte original alive meanwhile), then 4 fp32 entropy temporaries
-        logits = trained * vocab_local * max(c + 8, 4 * 5) + head_grad
+    else:  # one row chunk at a time (recomputed in backward): fp32 logits / T beside the c-byte ones, 4 fp32
+        chunk = min(trained, max(1, GRPO_LOGIT_CHUNK_BYTES // (4 * vocab_local)))  # entropy temporaries
+        logits = chunk * vocab_local * max(c + 8, 4 * 5) + head_grad
     if lora and job.quantize_base:  # each matmul keeps its dequantized weight for backward
         per_layer_weights = decoder / cfg.num_layers * c
         activations += per_layer_weights * (1 if layout.activation_checkpointing else cfg.num_layers)

@@ -197,9 +197,12 @@ def test_parameter_count_matches_the_model():
         assert planner.parameter_counts(cfg, 1)["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_zero_stages_agree_with_the_optimizer():
+def test_constants_agree_with_the_code():
+    from llama_rlhf.generation import PREFILL_TOKENS
     from llama_rlhf.training.distributed_optimizer import ZERO_STAGES
-    assert planner.ZERO_STAGES == ZERO_STAGES
+    from llama_rlhf.training.grpo import LOGIT_CHUNK_BYTES
+    assert planner.ZERO_STAGES == ZERO_STAGES and planner.PREFILL_TOKENS == PREFILL_TOKENS
+    assert planner.GRPO_LOGIT_CHUNK_BYTES == LOGIT_CHUNK_BYTES
 
 
 def test_search_lists_fitting_layouts_best_first():
