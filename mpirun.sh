@@ -14,8 +14,8 @@
 #   MPIRUN        the mpirun binary (default mpirun)
 #   MPIRUN_ARGS   extra mpirun options, split on spaces (e.g. "--oversubscribe --mca btl ^openib")
 #   EXPORT_VARS   names of further environment variables to pass to every node, split on spaces
-# PATH, LD_LIBRARY_PATH, PYTHONPATH, PYTHON, NPROC_PER_NODE, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES and every
-# NCCL_*, GLOO_*, TORCH_*, HF_* and LLAMA_RLHF_* variable that is set are passed on as well.
+# PATH, LD_LIBRARY_PATH, PYTHONPATH, PYTHON, NPROC_PER_NODE, MAX_RESTARTS, OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES
+# and every NCCL_*, GLOO_*, TORCH_*, HF_* and LLAMA_RLHF_* variable that is set are passed on as well.
 # The exit status is the script's (the first non-zero one among the nodes).
 set -euo pipefail
 
@@ -83,8 +83,8 @@ if [ -n "${NET_IFACE:-}" ]; then
 fi
 if [ -n "${SSH_PORT:-}" ]; then args+=(--mca plm_rsh_args "-p $SSH_PORT"); fi
 
-names=(PATH LD_LIBRARY_PATH PYTHONPATH PYTHON MASTER_ADDR _MASTER_ADDR MASTER_PORT NPROC_PER_NODE OMP_NUM_THREADS
-  CUDA_VISIBLE_DEVICES)
+names=(PATH LD_LIBRARY_PATH PYTHONPATH PYTHON MASTER_ADDR _MASTER_ADDR MASTER_PORT NPROC_PER_NODE MAX_RESTARTS
+  OMP_NUM_THREADS CUDA_VISIBLE_DEVICES)
 while read -r name; do
   case "$name" in NCCL_* | GLOO_* | TORCH_* | HF_* | LLAMA_RLHF_*) names+=("$name") ;; esac
 done < <(compgen -e)

@@ -9,7 +9,8 @@ Writes LOGS/results.jsonl: one line per input line, in input order, with "output
 import argparse
 import os
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_lora_flags, add_model_flags,
+                            check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 
@@ -30,8 +31,10 @@ def parse_args(argv=None):
     s.add_argument("--max_new_tokens", type=int, default=512, help="longest response in tokens")
     s.add_argument("--num_samples_per_prompt", type=int, default=1, help="samples per prompt (one prefill each)")
     s.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
+    add_lora_flags(p, training=False)
     add_llama_rlhf_flags(p, "generate")
     args = p.parse_args(argv)
+    check_numbers(args)
     if not args.ckpt_dir:
         raise UsageError("--ckpt_dir is required (the checkpoint to sample from)")
     if args.max_batch_size < 1:
@@ -44,7 +47,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     compute_dtype = parse_dtype(args.dtype)
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, timeout_minutes=12 * 60)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.batch_generate import run_generation
     from llama_rlhf.models.families import detect_model_type, get_family
@@ -56,7 +59,16 @@ def main():
     model_type = args.model_type or detect_model_type(args.ckpt_dir)
     get_family(model_type)
     tok = load_tokenizer(tokenizer_source(args.tokenizer_file, args.ckpt_dir), model_type=model_type)
-    model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
+    if args.lora_dir:
+        from llama_rlhf.checkpoint.peft import check_adapter_dir, load_adapter
+        from llama_rlhf.models.lora import merge_lora
+        check_adapter_dir(args.lora_dir)
+        model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file)  # fp32: merged, then cast
+        load_adapter(model, args.lora_dir)
+        merge_lora(model)  # W + scaling B A on this rank's slices: sampling runs at the base model's speed
+        model = model.to(compute_dtype)
+    else:
+        model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
     if args.max_seq_len > model.cfg.max_position_embeddings:
         raise UsageError(f"--max_seq_len {args.max_seq_len} is beyond this model's max_position_embeddings "
                          f"({model.cfg.max_position_embeddings}); pass --max_seq_len {model.cfg.max_position_embeddings}")

@@ -5,7 +5,8 @@
 """
 import argparse
 
-from llama_rlhf.cli import add_bool, add_chat_flags, add_llama_rlhf_flags, add_memory_flags, add_model_flags
+from llama_rlhf.cli import (add_bool, add_chat_flags, add_data_flags, add_llama_rlhf_flags, add_lora_flags,
+                            add_memory_flags, add_model_flags, check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.lr_schedule import SCHEDULES
@@ -15,12 +16,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     add_chat_flags(p)
-    d = p.add_argument_group("data")
-    d.add_argument("--train_file", required=True,
-                   help='jsonl: {"instruction","output"[,"system"]}, {"messages":[...]} or {"text"} per line')
-    d.add_argument("--eval_file", default=None, help="jsonl evaluated every --eval_steps steps (token-mean loss)")
-    d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
-    add_bool(d, "--packing", False, "pack several samples per row (positions reset, no attention across samples)")
+    add_data_flags(p)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     o.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
@@ -35,6 +31,7 @@ def parse_args(argv=None):
                    help="micro-batches per optimizer step; the loss is the token mean over all of them")
     add_bool(o, "--activation_checkpointing", False, "recompute each layer in backward to save memory")
     add_memory_flags(o)
+    add_lora_flags(p)
     add_bool(o, "--from_scratch", False, "pretrain a new model from --config_file instead of loading --ckpt_dir")
     s = p.add_argument_group("checkpoints and logs")
     s.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
@@ -47,6 +44,8 @@ def parse_args(argv=None):
     s.add_argument("--log_steps", type=int, default=1, help="print a progress line every N steps")
     add_llama_rlhf_flags(p, "train")
     args = p.parse_args(argv)
+    check_numbers(args)
+    args.packing = args.packing or args.stream_packing  # streamed rows hold several documents: keep them apart
     for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -55,7 +54,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size)
+    ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
     from llama_rlhf.training.sft import train
     path = train(args, ps, parse_dtype(args.dtype))

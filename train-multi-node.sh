@@ -4,7 +4,9 @@
 #   bash mpirun.sh hostfile train-multi-node.sh --ckpt_dir CKPT ...   # or your solver_train.py flags
 # It reads its node rank and the node count from OpenMPI (OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE) and the
 # master address from mpirun.sh (MASTER_ADDR / MASTER_PORT), then runs torchrun with NPROC_PER_NODE
-# processes (default: one per GPU that torch sees, 1 without GPUs). Global rank = node rank x NPROC_PER_NODE + local rank,
+# processes (default: one per GPU that torch sees, 1 without GPUs) and MAX_RESTARTS (torchrun --max_restarts,
+# default 0: with K > 0 and --resume true every node's torchrun restarts its workers from the newest checkpoint).
+# Global rank = node rank x NPROC_PER_NODE + local rank,
 # so MP (the innermost dimension of the rank grid) stays inside a node when it divides NPROC_PER_NODE.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")" && pwd)"
@@ -44,8 +46,14 @@ if [ "$#" -eq 0 ]; then
     --max_seq_len 256 --max_batch_size 8 --epochs 1 --lr 1e-4 --warmup_steps 4 --lr_scheduler cosine
 fi
 
+# Preemption: mpirun forwards SIGUSR1 (SLURM sends it ahead of the time limit) to this script, and torchrun passes it
+# on to its workers, which finish the step, save and exit; give them time to save before torchrun's SIGKILL.
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+
 cmd=("${PYTHON:-python3}" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
   --nproc_per_node "$NPROC_PER_NODE" --master_addr "$master_addr" --master_port "$master_port"
+  --max_restarts "${MAX_RESTARTS:-0}"
   "$repo/solver_train.py" "$@")
 echo "node $node_rank/$nnodes on $(hostname): ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ def theory_bytes(stage: int, dtype: str, n: int) -> float:
     return (4 + 4 + 8 / n) if dtype == "float32" else (2 + 4 + 12 / n)
 
 
-def worker(model_dir: str, stage: int, dtype_name: str, batch: int, seq: int, steps: int) -> None:
+def worker(model_dir: str, stage: int, dtype_name: str, batch: int, seq: int, steps: int, out_dir: str) -> None:
     import torch
 
     from benchmarks.train_step import _batch, peak_rss_mb
@@ -57,18 +58,23 @@ def worker(model_dir: str, stage: int, dtype_name: str, batch: int, seq: int, st
         result = train_step(model, opt, [rows], trained, ps, dtype, 0, 1.0, False)
         times.append(time.perf_counter() - t)
     held = opt.memory_breakdown(model)
-    print("RESULT " + json.dumps({"rank": ps.rank, "times": times[1:], "loss": result.loss,
-                                  "peak_rss_mb": peak_rss_mb(), "held": held}), flush=True)
+    with open(os.path.join(out_dir, f"rank{ps.rank}.json"), "w") as f:  # not stdout: ranks' lines interleave
+        json.dump({"rank": ps.rank, "times": times[1:], "loss": result.loss, "peak_rss_mb": peak_rss_mb(),
+                   "held": held}, f)
 
 
 def measure(model_dir: str, world: int, stage: int, dtype: str, batch: int, seq: int, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(29740 + world + 10 * stage), "-m", "benchmarks.memory", "--worker",
-           json.dumps([model_dir, stage, dtype, batch, seq, steps])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory worker (world {world}, stage {stage}, {dtype}) failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryDirectory() as out_dir:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+               str(29740 + world + 10 * stage), "-m", "benchmarks.memory", "--worker",
+               json.dumps([model_dir, stage, dtype, batch, seq, steps, out_dir])]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker (world {world}, stage {stage}, {dtype}) failed:\n{proc.stderr[-3000:]}")
+        records = []
+        for r in range(world):
+            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                records.append(json.load(f))
     times = sorted(t for r in records[:1] for t in r["times"])
     held = records[0]["held"]
     per_param = sum(held[k] for k in ("parameters", "gradients", "masters", "moments")) / held["trainable_parameters"]

@@ -27,8 +27,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # order matters: mfu reuses train_step's rows (same run), and the long ones come last
-BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm",
-              "grpo_step")
+BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm", "lora",
+              "data", "grpo_step")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,10 +326,45 @@ def summarize_memory(rows):
     return out
 
 
+def summarize_lora(rows):
+    out = []
+    peft_row = next((r for r in rows if r["impl"] == "peft"), None)
+    for r in rows:
+        if r["impl"] != "llama_rlhf":
+            continue
+        config = f"SmolLM2 SFT step {r['batch']}x{r['seq']} fp32, {r['mode']}" + ("" if r["mode"] == "full" else
+                                                                                " r=16 all-linear")
+        tokens = r["batch"] * r["seq"]
+        theirs = step_rate(peft_row, tokens) if peft_row else None
+        out.append(line("lora", config, "tokens/s", step_rate(r, tokens), theirs, "transformers+PEFT LoRA",
+                        r.get("speedup_vs_peft"), "faster", 0))
+        out.append(line("lora", config, "peak RSS MB/rank", r["peak_rss_mb_per_rank"],
+                        peft_row["peak_rss_mb_per_rank"] if peft_row else None, "transformers+PEFT LoRA",
+                        r.get("peak_rss_vs_peft"), "memory", 0))
+    return out
+
+
+def summarize_data(rows):
+    out = []
+    for r in rows:
+        config = f"{r['samples'] // 1000}k chat samples, world {r['world']}"
+        old = "in-memory loader (extrapolated)"
+        out.append(line("data", config, "cached start s/rank", r["cached_s_per_rank"], r["old_s_per_rank_extrapolated"],
+                        old, r["speedup_vs_old"], "faster", 2))
+        out.append(line("data", config, "data memory growth MB/rank", r["cached_rss_mb_per_rank"],
+                        r["old_rss_mb_per_rank_extrapolated"], old,
+                        r["cached_rss_mb_per_rank"] / max(r["old_rss_mb_per_rank_extrapolated"], 1e-9), "memory", 0))
+        out.append(line("data", config, "first run (cache build) s (extrapolated)", r["cold_s_extrapolated"],
+                        r["old_s_per_rank_extrapolated"], old,
+                        r["old_s_per_rank_extrapolated"] / r["cold_s_extrapolated"], "faster", 0))
+    return out
+
+
 SUMMARIZERS = {"train_step": summarize_train_step, "memory": summarize_memory, "mfu": summarize_mfu, "model_size": summarize_model_size,
                "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
-               "load": summarize_load, "comm": summarize_comm, "grpo_step": summarize_grpo_step}
+               "load": summarize_load, "comm": summarize_comm, "lora": summarize_lora,
+               "grpo_step": summarize_grpo_step, "data": summarize_data}
 
 
 def summary_table(results: dict) -> list[dict]:
@@ -389,6 +424,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                   and r["status"] == "ok"), None)
     grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0]
     zero_bf16 = [r for r in rows.get("memory", []) if r.get("kind") != "mfu" and r["zero_stage"] == 1]
+    data = [r for r in rows.get("data", []) if r["samples"] >= 1_000_000]
     return [
         target("training throughput", ">= 1.3x transformers tokens/s, same dtype, MP=1",
                [(f"{d} speedup", v) for d, v in sorted(train.items())], lambda v: v >= 1.3),
@@ -408,6 +444,10 @@ def evaluate_targets(results: dict) -> list[dict]:
         target("stage-1 step time", "zero stage 1 step within 5% of stage 0 at the same layout",
                [(f"DP={r['dp']} {r['dtype']} stage 1 / stage 0", r["step_time_vs_stage0"]) for r in zero_bf16],
                lambda v: v <= 1.05),
+        target("data cached start", "a cached start of 1M samples <= 10 s per rank (world 2)",
+               [("1M cached start s", data[0]["cached_s_per_rank"] if data else None)], lambda v: v <= 10.0),
+        target("data memory", "per-rank memory growth for 1M samples' data <= 200 MB",
+               [("1M growth MB/rank", data[0]["cached_rss_mb_per_rank"] if data else None)], lambda v: v <= 200.0),
     ]
 
 

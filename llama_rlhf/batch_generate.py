@@ -1,7 +1,9 @@
 """solver_generate's job: prompts from jsonl, split over the model replicas, generated, gathered on rank 0, written.
 
-Input lines: {"instruction": "...", "system": optional, ...} or {"messages": [{"role", "content"}, ...], ...}
-(a trailing assistant message is a reference answer, not part of the prompt). Every other field is carried
+Input records (.jsonl, .json, .parquet, datasets folders): {"instruction": "...", "system": optional, ...},
+{"messages": [{"role", "content"}, ...], ...}, sharegpt "conversations", or {"prompt": ...} (a plain string is
+continued exactly as written, no template). A trailing assistant message (or a "completion") is a reference
+answer, not part of the prompt. Every other field is carried
 through; an input "output" field is kept as "reference_output". Output: ``log_dir/results.jsonl``, one line
 per input line in input order, with "output" (the samples' texts), "num_prompt_tokens", "num_output_tokens"
 and "finish_reason" ("stop": an end token, "length": --max_new_tokens or --max_seq_len).
@@ -17,48 +19,31 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from .generation import generate
-from .jsonl import DataError, read_jsonl, write_jsonl_atomic
+from .data.formats import prompt_record
+from .data.readers import read_records
+from .jsonl import DataError, write_jsonl_atomic
 from .runtime import UsageError, log
 from .sampling import SamplingParams
 
 
 @dataclass
 class Prompt:
-    line: int  # line number in the input file
+    line: str  # line number (or parquet/arrow row) in the input file
     obj: dict  # the input object
     ids: list[int]
     truncated: int = 0  # tokens cut from the left
 
 
-def _messages(obj: dict, where: str) -> list[dict]:
-    """The conversation to continue, from "messages" or from "instruction" (+ optional "system")."""
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: every message needs string 'role' and 'content' fields")
-        while messages and messages[-1]["role"] == "assistant":  # the reference answer
-            messages = messages[:-1]
-        if not any(m["role"] == "user" for m in messages):
-            raise DataError(f"{where}: 'messages' has no user turn to answer")
-        return messages
-    if not isinstance(obj.get("instruction"), str):
-        raise DataError(f"{where}: expected an 'instruction' string or a 'messages' list")
-    system = obj.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataError(f"{where}: 'system' must be a string")
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
-                                                                            "content": obj["instruction"]}]
-
-
 def prompt_ids(obj: dict, tok, use_chat_template: bool, system_prompt: str | None, where: str) -> list[int]:
-    """Token ids of the prompt, as solver_train renders the same line (chat template, or "system\\n\\nuser\\n")."""
-    messages = _messages(obj, where)
+    """Token ids of the prompt, as solver_train renders the same line (chat template, or "system\\n\\nuser\\n");
+    a plain string ``prompt`` is continued exactly as written (no template, nothing appended)."""
+    record = prompt_record(obj, where)
+    if record.messages is None:
+        return tok.encode(record.raw[0], add_bos=tok.adds_bos)
+    messages = record.messages
     if use_chat_template:
         return tok.encode_chat(messages, add_generation_prompt=True, system_prompt=system_prompt)
-    if "messages" in obj and len(messages) > 2:
+    if len([m for m in messages if m["role"] != "system"]) > 1:
         raise DataError(f"{where}: multi-turn 'messages' need --use_chat_template true")
     system = next((m["content"] for m in messages if m["role"] == "system"), system_prompt)
     user = next(m["content"] for m in messages if m["role"] == "user")
@@ -83,8 +68,8 @@ def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
         raise UsageError("--use_chat_template: this tokenizer has no chat template (none in the checkpoint and "
                          "none built in for this model type); pass --use_chat_template false")
     prompts = []
-    for line, obj in read_jsonl(path):
-        where = f"{path}:{line}"
+    for where, obj in read_records(path):
+        line = where[len(path) + 1:].strip()
         ids = prompt_ids(obj, tok, use_chat_template, system_prompt, where)
         if len(ids) >= max_seq_len and strict:
             raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room for a response within "

@@ -11,6 +11,8 @@ import jinja2.ext
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .models.config import read_json
+
 # Meta's Llama 2 chat format: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer}</s>" per turn.
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
@@ -63,8 +65,7 @@ def read_checkpoint_template(folder: str) -> str | None:
     config_file = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(config_file):
         return None
-    with open(config_file, encoding="utf-8") as f:
-        template = json.load(f).get("chat_template")
+    template = read_json(config_file).get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
         template = {entry["name"]: entry["template"] for entry in template}
     if isinstance(template, dict):

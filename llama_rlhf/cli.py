@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 
@@ -39,6 +40,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bfloat16",
                    help="compute dtype: bfloat16 (default), float16 or float32; master weights stay fp32")
     g.add_argument("--seed", type=int, default=1234, help="random seed (data order, sampling, init)")
+    g.add_argument("--distributed_timeout_minutes", type=float, default=30.0,
+                   help="longest wait in any collective (and the start-up rendezvous) before every rank exits "
+                        "naming this flag: a hung or stopped peer ends the job instead of holding it (fractions "
+                        "allowed; default 30)")
 
 
 def add_chat_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +52,26 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--system_prompt", default=None, help="system message added to every conversation")
     g.add_argument("--max_seq_len", type=int, default=2048, help="longest sequence (prompt + response) in tokens")
     g.add_argument("--max_batch_size", type=int, default=4, help="sequences (or prompts) per rank per step")
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """Training data: files, their shape, mixing, the token cache, packing, evaluation (README, "Data")."""
+    d = parser.add_argument_group("data")
+    d.add_argument("--train_file", required=True, nargs="+",
+                   help="one or more .jsonl / .json / .parquet files or datasets.save_to_disk folders (messages, "
+                        "sharegpt, alpaca, prompt/completion or text records)")
+    d.add_argument("--train_file_weights", type=float, nargs="+", default=None,
+                   help="mix the --train_file files: each one's share of an epoch's rows (default: all rows once)")
+    d.add_argument("--data_format", default="auto",
+                   choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"),
+                   help="record shape (default: detected per record from its keys)")
+    d.add_argument("--data_cache_dir", default=None,
+                   help="where the token cache goes (default: SAVE_DIR/data_cache); shared by later runs")
+    d.add_argument("--eval_file", default=None, help="evaluated every --eval_steps steps (token-mean loss)")
+    d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
+    add_bool(d, "--packing", False, "pack several samples per row (positions reset, no attention across samples)")
+    add_bool(d, "--stream_packing", False, "pretraining: cut the token stream of all samples (none truncated) into "
+             "rows of exactly --max_seq_len tokens; a document may continue in the next row")
 
 
 def add_memory_flags(group) -> None:
@@ -60,6 +85,62 @@ def add_memory_flags(group) -> None:
                        help="0: every DP x SP rank holds the whole optimizer state; 1: fp32 masters and AdamW moments "
                             "partitioned over DP x SP, parameters held in the compute dtype (default: 1 when "
                             "DP x SP > 1, else 0)")
+
+
+def add_lora_flags(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """LoRA / QLoRA (llama_rlhf/models/lora.py, quant.py); the sampler takes --lora_dir only. Unset flags are None
+    so that a LoRA flag without --lora_rank (or --lora_dir) is an error (training/lora_run.py)."""
+    g = parser.add_argument_group("LoRA adapters (PEFT-compatible folders)")
+    g.add_argument("--lora_dir", default=None,
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to put on "
+                        "--ckpt_dir" + (" and train further" if training else " (merged for sampling)"))
+    if not training:
+        return
+    g.add_argument("--lora_rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning, no adapters)")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha: scaling alpha / r (default 16)")
+    g.add_argument("--lora_dropout", type=float, default=None, help="dropout on the adapter input (default 0)")
+    g.add_argument("--lora_target_modules", default=None,
+                   help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear "
+                        "(default all-linear)")
+    g.add_argument("--use_rslora", type=str2bool, nargs="?", const=True, default=None,
+                   help="rank-stabilised scaling alpha / sqrt(r) (true/false; default false)")
+    g.add_argument("--quantize_base", default=None, choices=("none", "int8", "nf4"),
+                   help="QLoRA: hold the frozen base linears weight-only quantized (default none)")
+    g.add_argument("--merge_lora", type=str2bool, nargs="?", const=True, default=None,
+                   help="also write each checkpoint's merged model as an HF folder in checkpoint-N/merged "
+                        "(true/false; default false)")
+# flag -> (test, what it must be): checked when the flags are parsed, for the flags a solver has.
+NUMBER_RULES = {
+    "lr": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "max_steps": (lambda v: v >= 0, ">= 0 (0: all epochs)"),
+    "save_steps": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "save_total_limit": (lambda v: v >= 0, ">= 0 (0: keep all)"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "num_samples_per_prompt": (lambda v: v >= 1, ">= 1"),
+    "beta": (lambda v: v >= 0, ">= 0 (0: no KL term)"),
+    "epsilon": (lambda v: v >= 0, ">= 0"),
+    "epsilon_high": (lambda v: v >= 0, ">= 0"),
+    "distributed_timeout_minutes": (lambda v: v > 0, "> 0 (minutes; fractions allowed)"),
+}
+
+
+def check_numbers(args) -> None:
+    """Refuse impossible optimizer, sampling and run flags at parse time: a UsageError naming the flag and value."""
+    from .runtime import UsageError
+    for name, (ok, rule) in NUMBER_RULES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"--{name} {value} is not valid: it must be {rule}")
 
 
 @dataclass(frozen=True)
@@ -80,8 +161,9 @@ LLAMA_RLHF_FLAGS = [
                   "checkpoint-N in --save_dir exactly where it stopped, mid-epoch too", default="0"),
     LlamaRlhfFlag("--save_optim", ("train", "grpo"), "not needed: every checkpoint keeps the optimizer state "
                   "(training_state/) so that --resume true continues exactly", refused=False),
-    LlamaRlhfFlag("--lora_dtype", ("train", "grpo"), "not needed: every trained weight is kept in fp32 and "
-                  "computed in --dtype", refused=False),
+    LlamaRlhfFlag("--lora_dtype", ("train", "grpo"), "not needed: LoRA adapters (--lora_rank, --lora_alpha, "
+                  "--lora_target_modules) are kept in fp32 and computed in --dtype; the frozen base is held in --dtype "
+                  "(or --quantize_base int8|nf4)", refused=False),
     LlamaRlhfFlag("--max_num_ckpts", ("train",), "use --save_total_limit N (keeps the newest N checkpoints)"),
     LlamaRlhfFlag("--open_fault_tolerance", ("generate",), "not available: results.jsonl is written once, at the "
                   "end, and a rerun replaces it; split a long --label_file into parts with their own --log_dir",

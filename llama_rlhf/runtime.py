@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import sys
 import traceback
 
@@ -13,11 +14,19 @@ import torch
 from .checkpoint.hf import CheckpointError
 from .jsonl import DataError
 from .models.config import ConfigError
-from .parallel.state import LayoutError
+from .parallel.layout import LayoutError
 
 
 class UsageError(ValueError):
     """Bad flags or bad input data: the message says what to fix."""
+
+
+class Stopped(Exception):
+    """The run stopped on request (a signal) after saving a checkpoint; ``code`` is the exit status (non-zero)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 # Errors whose message is the whole story: shown without a traceback.
@@ -34,11 +43,48 @@ def rank_label() -> str:
     return f"[rank {launch_rank()}]"
 
 
+_GLOO_TIMEOUT = re.compile(r"Timed out waiting (\d+)ms for (?:recv|send) operation")
+_NCCL_TIMEOUT = re.compile(r"Watchdog caught collective operation timeout|collective operation timeout", re.I)
+_PEER_LOST = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|NCCL communicator was aborted")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _collective_site(exc: BaseException) -> str:
+    """'torch.distributed.all_reduce from llama_rlhf/parallel/comm.py:37' for the failed call (best effort)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if os.path.abspath(f.filename).startswith(_PACKAGE_DIR)]
+    torch_fn = next((f.name for f in reversed(frames) if "torch/distributed" in f.filename.replace(os.sep, "/")),
+                    None)
+    where = ""
+    if ours:
+        f = ours[-1]
+        where = f"{f.name} at {os.path.relpath(f.filename, os.path.dirname(_PACKAGE_DIR))}:{f.lineno}"
+    if torch_fn:
+        return f"torch.distributed.{torch_fn}" + (f" from {where}" if where else "")
+    return where or "unknown site"
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that timed out or lost its peer, or None for any other error."""
+    text = str(exc)
+    gloo = _GLOO_TIMEOUT.search(text)
+    if gloo or _NCCL_TIMEOUT.search(text):
+        limit = f" {int(gloo.group(1)) / 60000:g}" if gloo else ""
+        return (f"a collective ({_collective_site(exc)}) timed out after --distributed_timeout_minutes{limit}: a "
+                f"peer stopped answering (hung, stopped or dead; see the other ranks' messages); raise the flag if a "
+                f"step legitimately takes longer")
+    if _PEER_LOST.search(text):
+        return (f"a collective ({_collective_site(exc)}) lost a peer: its process ended (see the first failing "
+                f"rank's message)")
+    return None
+
+
 def run_main(main) -> None:
     """Run ``main()``; on any error print it with this rank's label and exit non-zero at once.
 
     ``os._exit`` skips waiting on peers (destroying a process group mid-collective can hang); the launcher
-    (torchrun or mpirun) sees the non-zero exit and stops the remaining ranks.
+    (torchrun or mpirun) sees the non-zero exit and stops the remaining ranks. A run stopped by a signal
+    (``Stopped``) prints where it saved on rank 0 and exits with its code.
     """
     try:
         main()
@@ -46,9 +92,19 @@ def run_main(main) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exc.code if isinstance(exc.code, int) else 1)
+    except Stopped as exc:
+        sys.stdout.flush()
+        if launch_rank() == "0":
+            print(f"{rank_label()} {exc}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(exc.code)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the process non-zero
-        if isinstance(exc, EXPECTED_ERRORS) and not os.environ.get("LLAMA_RLHF_DEBUG"):
+        debug = os.environ.get("LLAMA_RLHF_DEBUG")
+        collective = None if debug else collective_failure(exc)
+        if isinstance(exc, EXPECTED_ERRORS) and not debug:
             print(f"{rank_label()} error: {exc}", file=sys.stderr, flush=True)
+        elif collective:
+            print(f"{rank_label()} error: {collective}", file=sys.stderr, flush=True)
         else:
             print(f"{rank_label()} error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                   file=sys.stderr, flush=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 import unicodedata
@@ -12,6 +11,7 @@ from jinja2.exceptions import TemplateError
 
 from llama_rlhf.chat_template import (builtin_template, family_name, merge_system_into_user, read_checkpoint_template,
                                       render_template)
+from llama_rlhf.models.config import read_json
 
 KINDS = ("tokenizers", "sentencepiece", "tiktoken", "qwen_tiktoken")
 KIND_FILES = {"tokenizers": "tokenizer.json", "sentencepiece": "tokenizer.model",
@@ -51,6 +51,7 @@ class Tokenizer:
         self.token_names = token_names                # bos_token, eos_token, ... as the chat template sees them
         self.adds_bos = adds_bos                      # whether this checkpoint starts sequences with BOS
         self.model_type = model_type
+        self.source_file = None                       # the file it was read from (load_tokenizer sets it)
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -231,7 +232,9 @@ def load_tokenizer(path: str, kind: str | None = None, model_type: str | None = 
                       + _as_id_list(_read_json(folder, "generation_config.json").get("eos_token_id")))
     loader = {"tokenizers": _load_hf, "sentencepiece": _load_sentencepiece,
               "tiktoken": _load_llama3_tiktoken, "qwen_tiktoken": _load_qwen1_tiktoken}[kind]
-    return loader(file, folder, model_type, config_end_ids)
+    tok = loader(file, folder, model_type, config_end_ids)
+    tok.source_file = file  # the data cache is keyed by its bytes
+    return tok
 
 
 def _find_tokenizer_file(path: str, kind: str | None) -> tuple[str, str]:
@@ -278,8 +281,7 @@ def _read_json(folder: str, name: str) -> dict:
     file = os.path.join(folder, name)
     if not os.path.isfile(file):
         return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(file)  # malformed: a ConfigError naming the file and the position
 
 
 def _as_id_list(value) -> list[int]:

@@ -190,12 +190,22 @@ def fake_results() -> dict:
               for st, t, mb, bpp in ((0, 1.0, 3000.0, 16.0), (1, 1.02, 2000.0, 12.0))]
     memory[1].update(step_time_vs_stage0=1.02, peak_rss_vs_stage0=2 / 3)
     memory.append(dict(memory[1], kind="mfu", world=1, dp=1, mfu=0.62, achieved_gflops=275.0, peak_gflops=443.0))
+    lora = [{"benchmark": "lora", "impl": impl, "mode": mode, "batch": 2, "seq": 256, "step_s_median": t,
+             "step_s_min": t, "step_s_max": t, "tokens_per_s": 512 / t, "peak_rss_mb_per_rank": mb,
+             "trainable_parameters": 4_884_480}
+            for impl, mode, t, mb in (("llama_rlhf", "lora", 1.0, 900.0), ("peft", "lora", 2.0, 1200.0))]
+    lora[0].update(speedup_vs_peft=2.0, peak_rss_vs_peft=0.75)
     entry = lambda rows: {"rows": rows, "seconds": 1.0, "load_before": [0.5, 0.5, 0.5],  # noqa: E731
                           "load_after": [0.6, 0.5, 0.5]}
-    return {"train_step": entry(train), "mfu": entry(mfu_rows), "model_size": entry(model_size),
+    data = [{"benchmark": "data", "samples": 1_000_000, "world": 2, "cached_s_per_rank": 3.0, "file_mb": 540.0,
+             "method": "m", "old_slice_s": 120.0, "old_slice_rss_mb": 180.0, "slice": 20000, "cold_slice_s": 30.0,
+             "cached_file_rss_mb_per_rank": 60.0, "cached_slice_s": 1.0,
+             "old_s_per_rank_extrapolated": 6000.0, "speedup_vs_old": 2000.0, "cached_rss_mb_per_rank": 40.0,
+             "old_rss_mb_per_rank_extrapolated": 9000.0, "cold_s_extrapolated": 1500.0}]
+    return {"data": entry(data), "train_step": entry(train), "mfu": entry(mfu_rows), "model_size": entry(model_size),
             "memory": entry(memory), "generate": entry(generate),
             "ring_attention": entry(ring), "ring_attention_sweep": entry(sweep), "load": entry(load_rows),
-            "comm": entry(comm_rows), "grpo_step": entry(grpo),
+            "comm": entry(comm_rows), "grpo_step": entry(grpo), "lora": entry(lora),
             "broken": {"rows": [], "seconds": 0.1, "load_before": [0, 0, 0], "load_after": [0, 0, 0],
                        "error": "RuntimeError: boom"}}
 
@@ -209,6 +219,7 @@ def test_targets_from_results():
     assert targets["GRPO step"]["status"] == "missed"  # 1.6x < 2x
     assert targets["stage-1 bytes per parameter"]["status"] == "met"  # 12 <= 6 + 12/2
     assert targets["stage-1 step time"]["figures"] == {"DP=2 bfloat16 stage 1 / stage 0": 1.02}
+    assert targets["data cached start"]["status"] == "met" and targets["data memory"]["status"] == "met"
     assert run.evaluate_targets({})[0]["status"] == "not measured"
 
 
@@ -225,7 +236,7 @@ def test_results_writer(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     data = json.load(open(paths["json"], encoding="utf-8"))
     assert data["machine"]["torch"] == torch.__version__ and data["quick"] is True
-    assert len(data["targets"]) == 7 and set(data["benchmarks"]) == set(results)
+    assert len(data["targets"]) == 9 and set(data["benchmarks"]) == set(results)
     table = data["table"]
     by = lambda bench, metric: [r for r in table if r["benchmark"] == bench and r["metric"] == metric]  # noqa: E731
     train_tps, same_malloc = [r for r in by("train_step", "tokens/s") if r["ours"] != "refused"]
@@ -239,6 +250,8 @@ def test_results_writer(tmp_path):
     (grpo,) = by("grpo_step", "step s")
     assert grpo["ratio"] == 1.6 and grpo["ratio_kind"] == "faster"
     assert by("comm", "all-reduce calls")[0]["ratio"] == 1.0
+    (lora_tps,) = by("lora", "tokens/s")
+    assert lora_tps["ratio"] == 2.0 and lora_tps["competitor"]["median"] == 256.0 and "PEFT" in lora_tps["competitor_name"]
     md = open(paths["md"], encoding="utf-8").read()
     for needle in ("| benchmark | configuration | metric | llama_rlhf | competitor | vs competitor |",
                    "## Targets", "**GRPO step**", "zero stage 1 | MFU % | 62.0", "**missed**", "error: RuntimeError: boom",

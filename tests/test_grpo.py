@@ -14,7 +14,7 @@ from llama_rlhf.parallel.layers import take_shard
 from llama_rlhf.parallel.state import single_process_state
 from llama_rlhf.training.grad_sync import GradientSync
 from llama_rlhf.training.grpo import Prompt, Rollout, fill_logprobs, grpo_backward
-from llama_rlhf.training.grpo_loss import LOSS_TYPES
+from llama_rlhf.training.grpo_loss import LossConfig
 from tests.distributed import assert_check, grid, run_checks
 from tests.hf_reference import write_tiny_chat_model
 from tests.launch import ROOT, launch_ranks, torchrun
@@ -44,28 +44,38 @@ def synthetic_rollouts(seed=0, groups=2, group_size=3):
     return rollouts
 
 
-def run_grpo_backward(model, rollouts, ps, loss_type, mask_truncated):
+def run_grpo_backward(model, rollouts, ps, loss, mask_truncated):
     tokens = sum(len(r.completion_ids) for r in rollouts if not (mask_truncated and r.truncated))
     return grpo_backward(model, rollouts, ps, temperature=TEMPERATURE, compute_dtype=torch.float32, pad_id=0,
-                         loss_type=loss_type, eps_low=0.2, eps_high=0.28, beta=0.05,
-                         global_sequences=len(rollouts), global_tokens=tokens, global_micro_batches=1,
+                         loss=loss, global_sequences=len(rollouts), global_tokens=tokens, global_micro_batches=1,
                          max_completion_length=8, mask_truncated=mask_truncated, on_policy=False)
+
+
+ALL_LAYOUTS, SP_LAYOUTS = ((2, 1), (1, 2), (2, 2)), ((2, 2),)
+# (loss, mask truncated completions, layouts): the clipped loss types everywhere, each newer variant at MP=2 x SP=2
+SHARDED_CASES = [(LossConfig(t, 0.2, 0.28, beta=0.05, kl_estimator="k3"), t == "grpo", ALL_LAYOUTS)
+                 for t in ("grpo", "bnpo", "dr_grpo", "dapo")] + [
+    (LossConfig("cispo", beta=0.05, cispo_epsilon_max=0.3), False, SP_LAYOUTS),
+    (LossConfig("sapo", beta=0.05), True, SP_LAYOUTS),
+    (LossConfig("grpo", 0.2, 0.28, beta=0.05, importance_sampling_level="sequence"), True, ((1, 2), (2, 2))),
+    (LossConfig("dapo", 0.2, 0.28, beta=0.05, delta=1.3, entropy_coef=0.03), False, SP_LAYOUTS),
+    (LossConfig("cispo", importance_sampling_level="sequence", entropy_coef=0.03), False, SP_LAYOUTS)]
 
 
 def check_sharded_loss_and_grads_equal_single_process(*_):
     rollouts = synthetic_rollouts()
     single = single_process_state()
-    for loss_type in LOSS_TYPES:
-        mask_truncated = loss_type == "grpo"
+    for cfg, mask_truncated, layouts in SHARDED_CASES:
+        loss_type = f"{cfg.loss_type}/{cfg.importance_sampling_level}/{cfg.kl_estimator}"
         ref_model = build_model(tiny_config(), single)
         init_weights(ref_model, seed=1)
-        ref = run_grpo_backward(ref_model, rollouts, single, loss_type, mask_truncated)
+        ref = run_grpo_backward(ref_model, rollouts, single, cfg, mask_truncated)
         ref_grads = dict((n, p.grad) for n, p in ref_model.named_parameters())
-        for mp, sp in ((2, 1), (1, 2), (2, 2)):
+        for mp, sp in layouts:
             ps = grid(mp, sp)
             model = build_model(tiny_config(), ps)
             init_weights(model, seed=1)
-            stats = run_grpo_backward(model, rollouts, ps, loss_type, mask_truncated)
+            stats = run_grpo_backward(model, rollouts, ps, cfg, mask_truncated)
             GradientSync(model, ps).reduce_model_parallel()
             loss = all_reduce(torch.tensor(stats.loss, dtype=torch.float64), ps.sp_group).item()
             assert abs(loss - ref.loss) <= 1e-5 * max(1.0, abs(ref.loss)), f"{loss_type} MP={mp} SP={sp}: loss"

@@ -213,6 +213,13 @@ def check_vocab_parallel_log_probs_and_entropy():
         close(local.grad, grad_ref.masked_fill(torch.isinf(grad_ref), 0.0), "log-probs grad")
         p = torch.softmax(logits, -1)
         close(vocab_parallel_entropy(local, ps.mp_group), -(p * p.log()).sum(-1), "entropy")
+        # differentiable (GRPO's entropy bonus): the gradient autograd takes through the full softmax
+        full = logits.clone().requires_grad_()
+        (-(torch.softmax(full, -1) * torch.log_softmax(full, -1)).sum(-1) * up).sum().backward()
+        mine = local.detach().clone().requires_grad_()
+        (vocab_parallel_entropy(mine, ps.mp_group, differentiable=True) * up).sum().backward()
+        grad_ref, _ = vocab_slice(full.grad, ps, vocab)
+        close(mine.grad, grad_ref.masked_fill(torch.isinf(grad_ref), 0.0), "entropy grad")
 
 
 def check_out_of_place_all_reduce():

@@ -113,7 +113,7 @@ def test_malformed_line_names_file_and_line(model_dir, tmp_path):
     bad.write_text('{"instruction": "a"}\n\n{"instruction": "b", \n')
     expect_failure_everywhere(*launch(solver_args(model_dir, str(bad), str(tmp_path / "o")), 2),
                               f"{bad}:3", "not valid JSON")
-    bad.write_text('{"instruction": "a"}\n{"prompt": "b"}\n')
+    bad.write_text('{"instruction": "a"}\n{"question": "b"}\n')
     expect_failure_everywhere(*launch(solver_args(model_dir, str(bad), str(tmp_path / "o")), 2),
                               f"{bad}:2", "expected an 'instruction' string or a 'messages' list")
 
@@ -163,3 +163,28 @@ def test_prompts_render_like_training(smollm2_dir, tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="no prompts"):
         read_prompts(str(empty), tok, True, None, 64, False)
+
+
+def test_raw_prompt_from_parquet_is_continued_as_written_like_transformers(model_dir, tmp_path):
+    """{"prompt": str} lines (here a parquet file): no template, nothing appended; greedy equals transformers'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    texts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": t, "id": i} for i, t in enumerate(texts)]), path)
+    out, _ = run_solver(1, solver_args(model_dir, str(path), str(tmp_path / "raw"), "--temperature", "0",
+                                       "--num_samples_per_prompt", "1"))
+    rows = [json.loads(line) for line in out.splitlines()]
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for row, text in zip(rows, texts):
+        ids = hf_tok(text, return_tensors="pt").input_ids
+        assert row["num_prompt_tokens"] == ids.shape[1], (row, text)
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
+        new = ref[0, ids.shape[1]:].tolist()
+        assert row["num_output_tokens"] == [len(new)], (row, new)
+        assert row["output"] == [hf_tok.decode(new, skip_special_tokens=True)], (row, text)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from ..parallel.comm import group_size
 from ..parallel.layers import ShardInfo
+from .writes import WriteError, writing
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "qwen.tiktoken", "generation_config.json", "added_tokens.json",
@@ -84,20 +85,28 @@ def hf_config_dict(cfg, source_config: str | None, dtype: torch.dtype) -> dict:
 
 
 def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir: str | None,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 2**30) -> None:
-    """Write ``model`` as an HF folder into ``out_dir`` (an existing directory). Call on every rank."""
-    shards, current, size = [], {}, 0
+              dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 2**30, tensors=None) -> None:
+    """Write ``model`` as an HF folder into ``out_dir`` (an existing directory). Call on every rank.
+
+    ``tensors``: (name, tensor with ``.shard``) pairs to write instead of the model's parameters (a merged LoRA
+    model: ``models.lora.merged_tensors``). A failed write (a WriteError on rank 0) is raised after the last
+    collective, so the other ranks are not left waiting in a gather."""
+    shards, current, size, failed = [], {}, 0, []
 
     def flush():
         nonlocal current, size
-        if current:
+        if current and not failed:
             name = f"model-{len(shards) + 1:05d}.safetensors.part"
-            save_file(current, os.path.join(out_dir, name), metadata={"format": "pt"})
+            try:
+                with writing(os.path.join(out_dir, name), size):
+                    save_file(current, os.path.join(out_dir, name), metadata={"format": "pt"})
+            except WriteError as exc:
+                failed.append(exc)
             shards.append((name, list(current)))
-            current, size = {}, 0
+        current, size = {}, 0
 
     writes = ps.dp_rank == 0 and ps.sp_rank == 0  # the MP group holding global rank 0
-    for name, param in model.named_parameters():
+    for name, param in (model.named_parameters() if tensors is None else tensors):
         if not writes:
             continue
         full = gather_full(param, ps)
@@ -108,6 +117,8 @@ def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir:
                 flush()
     if ps.rank == 0:
         flush()
+        if failed:
+            raise failed[0]
         weight_map = {}
         for i, (part_name, keys) in enumerate(shards):
             final = "model.safetensors" if len(shards) == 1 else \
@@ -118,9 +129,31 @@ def export_hf(model, ps, out_dir: str, source_config: str | None, tokenizer_dir:
             total = sum(p.numel() * p.element_size() for p in model.parameters())
             with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config_dict(model.cfg, source_config, dtype), f, indent=2)
-        copy_tokenizer_files(tokenizer_dir, out_dir)
+        with writing(os.path.join(out_dir, "config.json"), 0):
+            with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(hf_config_dict(model.cfg, source_config, dtype), f, indent=2)
+        with writing(f"the tokenizer files in {out_dir}", tokenizer_bytes(tokenizer_dir)):
+            copy_tokenizer_files(tokenizer_dir, out_dir)
+
+
+def export_bytes(model, dtype: torch.dtype, tokenizer_dir: str | None) -> int:
+    """About what export_hf writes: every full parameter in ``dtype``, and the tokenizer files."""
+    numel = 0
+    for p in model.parameters():
+        n = 1
+        for s in p.shard.full_shape:
+            n *= int(s)
+        numel += n
+    return numel * dtype.itemsize + tokenizer_bytes(tokenizer_dir) + 2**16
+
+
+def tokenizer_bytes(tokenizer_dir: str | None) -> int:
+    if not tokenizer_dir:
+        return 0
+    if os.path.isfile(tokenizer_dir):
+        return os.path.getsize(tokenizer_dir)
+    return sum(os.path.getsize(os.path.join(tokenizer_dir, n)) for n in TOKENIZER_FILES
+               if os.path.isfile(os.path.join(tokenizer_dir, n)))
 
 
 def copy_tokenizer_files(tokenizer_dir: str | None, out_dir: str) -> None:

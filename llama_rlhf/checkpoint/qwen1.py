@@ -12,7 +12,6 @@ import re
 import warnings
 
 from ..models.config import ConfigError, ModelConfig, require
-from .hf import CheckpointError, open_hf_checkpoint
 
 _RENAMES = [
     (r"transformer\.wte\.weight", "model.embed_tokens.weight"),
@@ -106,6 +105,7 @@ class Qwen1Source:
         if part is None:
             return shape
         if shape[0] != 3 * self._width:
+            from .hf import CheckpointError
             raise CheckpointError(f"{qwen_key} has {shape[0]} rows; the config gives 3 x {self._width} (q, k, v)")
         return (self._width,) + shape[1:]
 
@@ -129,6 +129,7 @@ class Qwen1Source:
 
 def open_qwen_checkpoint(ckpt_dir: str, cfg: ModelConfig):
     """--model_type qwen weights: an HF Qwen2 checkpoint as is, or a Qwen1 one (transformer.h.* keys) renamed."""
+    from .hf import open_hf_checkpoint  # torch: only when weights are read (configs are read without it)
     source = open_hf_checkpoint(ckpt_dir)
     if any(k.startswith("transformer.h.") or k == "transformer.wte.weight" for k in source.keys()):
         return Qwen1Source(source, cfg)

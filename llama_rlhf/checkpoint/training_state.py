@@ -16,6 +16,7 @@ import torch
 
 from ..parallel.layers import take_shard
 from .hf import CheckpointError
+from .writes import writing
 
 STATE_FORMAT = 2
 
@@ -28,13 +29,26 @@ def rng_file(state_dir: str, rank: int) -> str:
     return os.path.join(state_dir, f"rng-{rank:05d}.pt")
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nest of dicts and lists (what torch.save will write, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to ``path`` through a temporary file, fsynced, then renamed."""
+    """torch.save to ``path`` through a temporary file, fsynced, then renamed; a failed write is a WriteError."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, tensor_bytes(obj)):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _numel(shape) -> int:

@@ -13,10 +13,36 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from ..checkpoint.hf import open_hf_checkpoint
-from ..checkpoint.meta import is_tiktoken_file, meta_config, open_meta_checkpoint
-from ..checkpoint.qwen1 import is_qwen1_config, open_qwen_checkpoint, qwen1_config
+from ..checkpoint.qwen1 import is_qwen1_config, qwen1_config
 from .config import ConfigError, ModelConfig, read_json, require
+
+# Reading an HF config.json needs no torch (the memory planner reads configs in about a second): the checkpoint
+# readers, and the Meta config reader that lives beside them, are imported when first used.
+
+
+def open_hf_checkpoint(ckpt_dir: str):
+    from ..checkpoint.hf import open_hf_checkpoint as open_hf
+    return open_hf(ckpt_dir)
+
+
+def open_meta_checkpoint(ckpt_dir: str, cfg: ModelConfig):
+    from ..checkpoint.meta import open_meta_checkpoint as open_meta
+    return open_meta(ckpt_dir, cfg)
+
+
+def open_qwen_checkpoint(ckpt_dir: str, cfg: ModelConfig):
+    from ..checkpoint.qwen1 import open_qwen_checkpoint as open_qwen
+    return open_qwen(ckpt_dir, cfg)
+
+
+def meta_config(d: dict, source: str, model_type: str, ckpt_dir: str = "") -> ModelConfig:
+    from ..checkpoint.meta import meta_config as read_meta
+    return read_meta(d, source, model_type, ckpt_dir)
+
+
+def is_tiktoken_file(path: str) -> bool:
+    from ..checkpoint.meta import is_tiktoken_file as is_tiktoken
+    return is_tiktoken(path)
 
 
 def read_hf_rope(d: dict, source: str, default_theta: float | None) -> tuple[float, dict | None]:

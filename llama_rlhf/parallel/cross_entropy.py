@@ -109,16 +109,40 @@ def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, group,
     return -vocab_parallel_cross_entropy(logits, target, group, IGNORE_INDEX, overwrite_logits)
 
 
-def vocab_parallel_entropy(logits: torch.Tensor, group) -> torch.Tensor:
-    """Entropy of softmax(logits) per token (fp32, no gradient): [..., V/mp] -> [...]."""
-    with torch.no_grad():
-        x = upcast(logits)
-        x = x - all_reduce(x.max(dim=-1, keepdim=True).values, group, op=dist.ReduceOp.MAX)
+class _VocabParallelEntropy(torch.autograd.Function):
+    """fwd: per-row entropy of softmax(logits) (all-reduce MAX of the row max, then SUM of sum-exp and sum of
+    exp x shifted logit over MP); bwd: -p (log p + H) * grad on the local vocab slice, no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        x = upcast(logits)  # [N, V/mp]
+        row_max = all_reduce(x.max(dim=-1, keepdim=True).values, group, op=dist.ReduceOp.MAX)
+        x = x - row_max
         p_unnorm = x.exp()
         sums = all_reduce(torch.stack([p_unnorm.sum(-1), (p_unnorm * torch.nan_to_num(x, neginf=0.0)).sum(-1)]),
                           group)
         sum_exp, weighted = sums[0], sums[1]
-        return torch.log(sum_exp) - weighted / sum_exp
+        entropy = torch.log(sum_exp) - weighted / sum_exp
+        ctx.save_for_backward(logits, torch.log(sum_exp) + row_max.squeeze(-1), entropy)
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, lse, entropy = ctx.saved_tensors
+        log_p = upcast(logits) - lse.unsqueeze(-1)
+        g = -log_p.exp() * (torch.nan_to_num(log_p, neginf=0.0) + entropy.unsqueeze(-1)) * grad.unsqueeze(-1)
+        return g.to(logits.dtype), None
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, group, differentiable: bool = False) -> torch.Tensor:
+    """Entropy of softmax(logits) per token (fp32): [N, V/mp] -> [N]; padded vocab entries must be -inf.
+
+    ``differentiable`` keeps the logits for backward (an entropy bonus); otherwise no graph is recorded.
+    Callers that differentiate must not let another node overwrite the logits in place."""
+    if differentiable:
+        return _VocabParallelEntropy.apply(logits, group)
+    with torch.no_grad():
+        return _VocabParallelEntropy.apply(logits, group)
 
 
 def mean_over_tokens(per_token: torch.Tensor, target: torch.Tensor, reduce_group,

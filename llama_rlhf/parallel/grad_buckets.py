@@ -63,8 +63,9 @@ class Bucket:
 
     params: list  # nn.Parameter, in bucket order
     offsets: list  # element offset of each parameter in the flat buffers
-    grad: torch.Tensor  # fp32 [numel], numel padded to a multiple of the group size
+    elements: int  # length of the flat buffers, padded to a multiple of the group size at stage 1
     partial_group: object = None  # MP subgroup over which these gradients are partial (None: not partial)
+    grad: torch.Tensor | None = None  # fp32 [elements] (stage 1: allocated when the bucket is flattened)
     data: torch.Tensor | None = None  # stage 1: the flat parameter buffer the parameters are views of
     ready: int = 0
     launched: bool = False
@@ -72,7 +73,7 @@ class Bucket:
 
     @property
     def numel(self) -> int:
-        return self.grad.numel()
+        return self.elements
 
     def own_range(self, rank: int, size: int) -> tuple[int, int]:
         share = self.numel // size
@@ -90,7 +91,7 @@ class GradBuckets:
                  param_dtype: torch.dtype | None = None):
         if stage not in (0, 1):
             raise ValueError(f"zero stage must be 0 or 1, got {stage}")
-        self.ps, self.stage = ps, stage
+        self.ps, self.stage, self.param_dtype = ps, stage, param_dtype
         self.group = ps.dpsp_group
         self.size, self.rank = group_size(self.group), group_rank(self.group)
         self.last_micro_batch = False
@@ -109,37 +110,44 @@ class GradBuckets:
                 chunk.append(p)
                 elems += p.numel()
                 if elems >= bucket_elems:
-                    self._add_bucket(chunk, group, param_dtype)
+                    self._add_bucket(chunk, group)
                     chunk, elems = [], 0
             if chunk:
-                self._add_bucket(chunk, group, param_dtype)
+                self._add_bucket(chunk, group)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     # -- construction -----------------------------------------------------------------------------------
-    def _add_bucket(self, params: list, partial_group, param_dtype) -> None:
+    def _add_bucket(self, params: list, partial_group) -> None:
         offsets, n = [], 0
         for p in params:
             offsets.append(n)
             n += p.numel()
         multiple = self.size if self.stage == 1 else 1
-        n = -(-n // multiple) * multiple
-        device = params[0].device
-        bucket = Bucket(params, offsets, torch.zeros(n, dtype=self.grad_dtype, device=device), partial_group)
-        if self.stage == 1:
-            dtype = param_dtype or params[0].dtype
-            bucket.data = torch.zeros(n, dtype=dtype, device=device)
-        for p, off in zip(params, offsets):
-            p.main_grad = bucket.grad.narrow(0, off, p.numel()).view_as(p)
+        bucket = Bucket(params, offsets, -(-n // multiple) * multiple, partial_group)
+        if self.stage == 0:
+            self._allocate_grad(bucket)
+        for p in params:
             self._bucket_of[id(p)] = bucket
         self.buckets.append(bucket)
+
+    def _allocate_grad(self, bucket: Bucket) -> None:
+        bucket.grad = torch.zeros(bucket.elements, dtype=self.grad_dtype, device=bucket.params[0].device)
+        for p, off in zip(bucket.params, bucket.offsets):
+            p.main_grad = bucket.grad.narrow(0, off, p.numel()).view_as(p)
 
     def flatten_parameters(self, before_flatten=None) -> None:
         """Stage 1: make every parameter a view of its bucket's flat buffer (cast to its dtype).
 
-        ``before_flatten(bucket)`` runs first, while the parameters still hold their original (fp32) values:
-        the optimizer copies its fp32 master range from them there.
+        Bucket by bucket: its gradient and parameter buffers are allocated, ``before_flatten(bucket)`` runs while
+        the parameters still hold their original (fp32) values (the optimizer copies its fp32 master range from
+        them there), then the parameters move into the buffer and their original storage is freed. So building
+        the optimizer never holds the loaded fp32 parameters and all the new buffers at once (for bf16 parameters
+        at most 2 + 4 + 4/N bytes per parameter, against 4 + 4 + 2 if every buffer came first).
         """
         for bucket in self.buckets:
+            self._allocate_grad(bucket)
+            bucket.data = torch.zeros(bucket.elements, dtype=self.param_dtype or bucket.params[0].dtype,
+                                      device=bucket.params[0].device)
             if before_flatten is not None:
                 before_flatten(bucket)
             for p, off in zip(bucket.params, bucket.offsets):
@@ -202,6 +210,7 @@ class GradBuckets:
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
+                bucket.handle = None  # a finished work object can hold the backend's copy (gloo: the bucket)
             if bucket.partial_group is not None:
                 lo, hi = self.reduced_range(bucket)
                 dist.all_reduce(bucket.grad.narrow(0, lo, hi - lo), group=bucket.partial_group)

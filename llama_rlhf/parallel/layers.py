@@ -6,7 +6,6 @@ none of them needs a per-layer table.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .comm import copy_to_group, group_rank, group_size, reduce_from_group
+from .layout import padded_vocab_size  # noqa: F401 (re-exported: models and checkpoints import it from here)
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_group(F.linear(x, self.weight), self.group)  # [..., in / mp] -> [..., out]
         return y if self.bias is None else y + self.bias
-
-
-def padded_vocab_size(vocab_size: int, mp: int) -> int:
-    """The vocabulary rounded up to a multiple of MP (padding rows are zero and their logits masked)."""
-    return int(math.ceil(vocab_size / mp) * mp)
 
 
 class VocabParallelEmbedding(nn.Module):

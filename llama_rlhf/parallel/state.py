@@ -14,21 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
-class LayoutError(ValueError):
-    """An impossible parallel layout (raised identically on every rank, before any collective)."""
-
-
-def check_layout(world_size: int, mp: int, sp: int) -> int:
-    """Return DP = world / (MP * SP), or raise a LayoutError naming the numbers and the flags."""
-    if mp < 1 or sp < 1:
-        raise LayoutError(f"--model_parallel_size ({mp}) and --sequence_parallel_size ({sp}) must be >= 1")
-    if world_size % (mp * sp) != 0:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by --model_parallel_size {mp} x "
-            f"--sequence_parallel_size {sp} = {mp * sp}; choose sizes whose product divides {world_size}"
-        )
-    return world_size // (mp * sp)
+from .layout import LayoutError, check_layout  # noqa: F401 (LayoutError: re-exported)
 
 
 def rank_grid(world_size: int, mp: int, sp: int) -> torch.Tensor:
@@ -59,8 +45,10 @@ class ParallelState:
     _subgroups: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, mp: int, sp: int, device: torch.device | None = None) -> "ParallelState":
-        """Create every group of the grid (on every rank, same order) and return this rank's state."""
+    def build(cls, mp: int, sp: int, device: torch.device | None = None,
+              timeout: datetime.timedelta | None = None) -> "ParallelState":
+        """Create every group of the grid (on every rank, same order) and return this rank's state.
+        ``timeout`` bounds every collective on the groups (new_group does not inherit the default group's)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         grid = rank_grid(world, mp, sp)
         dp = grid.shape[0]
@@ -74,7 +62,7 @@ class ParallelState:
                 # a group of one rank never communicates (every primitive checks its size): gloo, so NCCL builds
                 # no communicator for it
                 group = (dist.group.WORLD if len(ranks) == world else
-                         dist.new_group(ranks, backend="gloo" if len(ranks) == 1 else None))
+                         dist.new_group(ranks, timeout=timeout, backend="gloo" if len(ranks) == 1 else None))
                 if rank in ranks:
                     mine = (group, ranks)
             return mine
@@ -223,6 +211,18 @@ def _agree_master_over_mpi(rank: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = str(addr), str(port)
 
 
+def _restart_round_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun: the agent's store, with keys private to this restart round, or None (env:// as usual).
+
+    With torchrun's default (static) rendezvous the agent keeps one store for every round, and a restarted round
+    would read the previous round's gloo addresses from it (``connectFullMesh ... Connection refused``)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"llama_rlhf/round_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> ParallelState:
     """Start torch.distributed from torchrun's or OpenMPI's environment and build the grid.
 
@@ -231,10 +231,12 @@ def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> Pa
 
     The layout is checked before any rendezvous, so an impossible layout fails on every rank at once.
     On CUDA one process group with two backends (``cpu:gloo,cuda:nccl``): GPU tensors go over NCCL, host-side
-    objects (results, metrics gathered as Python objects) over gloo. On the CPU, gloo.
+    objects (results, metrics gathered as Python objects) over gloo. On the CPU, gloo. ``timeout_minutes``
+    (--distributed_timeout_minutes) bounds the rendezvous and every collective of every group.
     """
     rank, world, local_rank = launch_env()
     check_layout(world, mp, sp)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     direct_mpi = started_by_mpirun() and not dist.is_initialized()
     if direct_mpi:  # look like torchrun's workers to everything downstream
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
@@ -246,10 +248,10 @@ def init_parallel(mp: int = 1, sp: int = 1, timeout_minutes: float = 30.0) -> Pa
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_restart_round_store(world, timeout),
                                 **({"device_id": device} if device.type == "cuda" else {}))
-    state = ParallelState.build(mp, sp, device)
+    state = ParallelState.build(mp, sp, device, timeout)
     # Every rank leaves start-up together: rank 0 hosts the rendezvous store, and a rank that fails right after
     # start-up must not vanish while a peer still waits on that store.
     dist.barrier()

@@ -1,5 +1,6 @@
 """GRPO: sample G completions per prompt, score them, normalise rewards per group, and update the policy with
-a clipped surrogate (plus an optional k3 KL penalty to a frozen reference) on the same MP/SP/DP layout.
+a surrogate (clipped, CISPO or SAPO; token- or sequence-level ratios; training/grpo_loss.py) plus an optional k3
+KL penalty to a frozen reference, on the same MP/SP/DP layout; one or several optimizer steps per rollout batch.
 
 Each DP rank owns whole groups (its prompts and all their samples); every completion is a ``Rollout`` that
 carries its own ids, rewards, advantage, old and reference log-probs from sampling to update, never re-sorted.
@@ -15,14 +16,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ..batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
-from ..jsonl import DataError, read_jsonl
+from ..data.readers import read_records
+from ..jsonl import DataError
 from ..models.pretrained import load_pretrained
-from ..parallel.comm import all_reduce, group_size
+from ..parallel.comm import all_reduce, copy_to_group, reduce_from_group
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab_parallel_log_probs
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
-from .grpo_loss import group_advantages, token_terms, token_weights
+from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
 from .rewards import build_rewards, score
 from .setup import TrainingRun
 from .sp_rollouts import generate_rollouts
@@ -61,8 +63,7 @@ def load_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     """Prompts from jsonl, rendered as solver_generate renders them (``instruction`` or ``messages``; other
     fields kept for the rewards); returns them and how many were cut from the left to ``max_prompt_len``."""
     prompts, cut = [], 0
-    for line_no, obj in read_jsonl(path):
-        where = f"{path}:{line_no}"
+    for where, obj in read_records(path):
         if needs_answer and "answer" not in obj:
             raise DataError(f"{where}: the accuracy reward needs an 'answer' field")
         ids, n_cut = fit_prompt(prompt_ids(obj, tok, use_chat_template, system_prompt, where), max_prompt_len + 1,
@@ -112,11 +113,12 @@ LOGIT_CHUNK_BYTES = 2**30  # fp32 logits of one row chunk, per rank
 
 
 def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False,
-                   chunk_rows: int | None = None):
+                   entropy_grad: bool = False, chunk_rows: int | None = None):
     """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]
-    (0 where the label is ignored), and the entropy there (no gradient). The LM head runs only on positions with
-    a label (the completions), ``chunk_rows`` of them at a time (default: 1 GiB of fp32 logits); with grad, each
-    chunk's logits are recomputed in backward, so a micro-batch never holds more than one chunk's."""
+    (0 where the label is ignored), and the entropy there. The LM head runs only on positions with a label (the
+    completions), ``chunk_rows`` of them at a time (default: 1 GiB of fp32 logits); with grad, each chunk's
+    logits are recomputed in backward, so a micro-batch never holds more than one chunk's. ``entropy_grad`` (an
+    entropy bonus) differentiates the entropy too."""
     labels = batch["labels"]
     scored = labels != IGNORE_INDEX  # [B, S]; the same on every MP rank
     with autocast(compute_dtype, ps.device):
@@ -131,9 +133,9 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
         logits = logits.float() / temperature if temperature > 0 else logits.float()
         entropy = None
         if with_entropy:
-            with torch.no_grad():
-                entropy = vocab_parallel_entropy(logits, ps.mp_group)
-        return vocab_parallel_log_probs(logits, t, ps.mp_group, overwrite_logits=True), entropy  # logits die
+            entropy = vocab_parallel_entropy(logits, ps.mp_group, differentiable=entropy_grad)
+        logp = vocab_parallel_log_probs(logits, t, ps.mp_group, overwrite_logits=not entropy_grad)  # logits die
+        return logp, entropy
 
     recompute = torch.is_grad_enabled() and rows.shape[0] > step
     # at least one (maybe empty) chunk: a rank without scored tokens still joins backward's collectives (MP, SP)
@@ -170,33 +172,45 @@ class UpdateStats:
     tokens: float = 0.0
 
 
+def sequence_sum(ps):
+    """Sum over each sequence's positions, whose tokens SP ranks share: fwd all-reduce, bwd all-reduce (every
+    rank's loss reaches every rank's tokens); None (a plain sum) without SP."""
+    if ps.sp_size == 1:
+        return None
+    return lambda x: reduce_from_group(copy_to_group(x.sum(-1), ps.sp_group), ps.sp_group)
+
+
 def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, compute_dtype, pad_id: int,
-                  loss_type: str, eps_low: float, eps_high: float, beta: float, global_sequences: int,
-                  global_tokens: int, global_micro_batches: int, max_completion_length: int,
-                  mask_truncated: bool, on_policy: bool, loss_scale: float = 1.0) -> UpdateStats:
+                  loss: LossConfig, global_sequences: int, global_tokens: float, global_micro_batches: int,
+                  max_completion_length: int, mask_truncated: bool, on_policy: bool,
+                  loss_scale: float = 1.0) -> UpdateStats:
     """Forward + backward of one micro-batch of rollouts; returns its (unnormalised) metric sums.
 
     ``on_policy`` (one update per rollout batch): the old log-probs are the current ones, detached.
+    The global counts are those of the optimizer step (see grpo_loss.token_weights).
     """
     batch = rollout_batch(rollouts, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1)
     mask = (batch["labels"] != IGNORE_INDEX).float()
     if mask_truncated:
-        mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts]).unsqueeze(-1)
-    batch["weight"] = token_weights(mask, loss_type, global_sequences=global_sequences, global_tokens=global_tokens,
-                                    global_micro_batches=global_micro_batches,
-                                    max_completion_length=max_completion_length)
+        mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=mask.device).unsqueeze(-1)
+    counts = dict(global_sequences=global_sequences, global_tokens=global_tokens,
+                  global_micro_batches=global_micro_batches, max_completion_length=max_completion_length)
+    batch["weight"] = token_weights(mask, loss.loss_type, **counts)
+    batch["entropy_weight"] = token_weights(mask, "bnpo", **counts)
     batch["mask"] = mask
     local = local_part(batch, ps)
-    logp, entropy = token_logprobs(model, local, ps, temperature, compute_dtype, with_entropy=True)
+    logp, entropy = token_logprobs(model, local, ps, temperature, compute_dtype, with_entropy=True,
+                                   entropy_grad=loss.entropy_coef != 0.0)
     old = logp.detach() if on_policy else local["old"]
-    terms = token_terms(logp, old, local["adv"], eps_low, eps_high, beta, local["ref"] if beta else None)
-    loss = (terms.loss * local["weight"]).sum()
-    (loss * loss_scale).backward()
+    terms = token_terms(logp, old, local["adv"], loss, local["ref"] if loss.beta else None, local["mask"],
+                        sequence_sum(ps))
+    share = loss_share(terms, local["weight"], entropy, local["entropy_weight"], loss.entropy_coef)
+    (share * loss_scale).backward()
     m = local["mask"]
-    stats = UpdateStats(loss=loss.item(), tokens=m.sum().item(),
+    stats = UpdateStats(loss=share.item(), tokens=m.sum().item(),
                         low_clip=(terms.low_clipped.float() * m).sum().item(),
                         high_clip=(terms.high_clipped.float() * m).sum().item(),
-                        entropy=(entropy * m).sum().item())
+                        entropy=(entropy.detach() * m).sum().item())
     if terms.kl is not None:
         stats.kl = (terms.kl.detach() * m).sum().item()
     return stats
@@ -223,21 +237,23 @@ def score_rollouts(rollouts: list[Rollout], rewards, tok) -> None:
         r.reward = sum(w * v for (_, _, w), v in zip(rewards, r.rewards))
 
 
+def dp_sum(ps):
+    """Sum a host tensor over DP ranks (every MP/SP peer holds the same rollouts); the result is on the host."""
+    return lambda t: all_reduce(t.to(ps.device), ps.dp_group).cpu()
+
+
 def assign_advantages(rollouts: list[Rollout], group: int, scale: str, ps) -> None:
     """Group-normalised advantages; with ``batch`` scaling the std is over the whole global batch."""
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
-    if scale == "batch" and group_size(ps.dp_group) > 1:
-        stats = all_reduce(torch.stack([rewards.sum(), rewards.pow(2).sum(),
-                                        torch.tensor(float(len(rewards)), dtype=torch.float64)]).to(ps.device),
-                           ps.dp_group).cpu()
-        n = stats[2]
-        std = torch.sqrt((stats[1] - stats[0] ** 2 / n) / (n - 1).clamp(min=1))
-        centred = group_advantages(rewards, group, "none")
-        adv = centred / (std + 1e-4)
-    else:
-        adv = group_advantages(rewards, group, scale)
+    adv = group_advantages(rewards, group, scale, reduce=dp_sum(ps))
     for r, a in zip(rollouts, adv.tolist()):
         r.advantage = a
+
+
+def rollout_slices(rollouts: list[Rollout], n: int) -> list[list[Rollout]]:
+    """``n`` contiguous, near-equal slices (one per optimizer step); slices hold whole groups when n divides
+    the groups, and a slice may be empty at the end of an epoch (its rank still joins the step)."""
+    return [rollouts[i * len(rollouts) // n:(i + 1) * len(rollouts) // n] for i in range(n)]
 
 
 def global_sum(values: list[float], ps) -> list[float]:
@@ -246,7 +262,11 @@ def global_sum(values: list[float], ps) -> list[float]:
 
 
 def load_reference(args, run: TrainingRun):
-    """The frozen initial model for the KL term, held in the compute dtype, outside the optimizer."""
+    """The frozen initial model for the KL term, held in the compute dtype, outside the optimizer (with LoRA: the
+    same model with its adapters off, no second copy)."""
+    if run.lora:
+        from ..models.lora import AdaptersOff
+        return AdaptersOff(run.model)
     reference = load_pretrained(args.ckpt_dir, run.model_type, run.ps, args.config_file,
                                 dtype=run.compute_dtype).eval()
     for p in reference.parameters():
@@ -277,14 +297,18 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     reference = load_reference(args, run) if args.beta != 0.0 else None
     start_step = run.start_step
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
+    loss_cfg = LossConfig.from_args(args)
+    slices = args.steps_per_rollout
+    updates = args.num_iterations * slices  # optimizer steps per rollout batch; the lr schedule counts these
     log(f"GRPO {model_type} | {run.describe()} | {prompts_per_step} prompts x "
-        f"{group} samples per step, {total_steps} steps | rewards {args.reward_funcs} | loss {args.loss_type}, "
-        f"beta {args.beta}", ps)
+        f"{group} samples per step, {total_steps} steps x {updates} updates | rewards {args.reward_funcs} | loss "
+        f"{args.loss_type} ({args.importance_sampling_level} ratios), beta {args.beta} ({args.kl_estimator})", ps)
+    skipped_total = int(run.trainer_state.get("skipped_steps", 0))
 
     def save(step):
-        return run.save(step, {"total_steps": total_steps})
+        return run.save(step, {"total_steps": total_steps, "skipped_steps": skipped_total})
 
-    t_start, path, skipped_total = time.time(), None, 0
+    t_start, path = time.time(), None
     for step in range(start_step, last_step):
         t0 = time.time()
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -302,34 +326,46 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         t_rollout = time.time() - t0
         score_rollouts(rollouts, rewards, tok)
         assign_advantages(rollouts, group, args.scale_rewards, ps)
-        micro = args.train_batch_size or len(rollouts) or 1
-        if args.num_iterations > 1:
+        parts = rollout_slices(rollouts, slices)
+        micro = args.train_batch_size or max(map(len, parts)) or 1
+        if args.num_iterations > 1 or slices > 1:
             fill_logprobs(model, rollouts, ps, "old_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
         if reference is not None:
             fill_logprobs(reference, rollouts, ps, "ref_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
 
-        counted = [r for r in rollouts if not (args.mask_truncated_completions and r.truncated)]
-        n_seq, n_tok, n_micro = global_sum([len(rollouts), sum(len(r.completion_ids) for r in counted),
-                                            math.ceil(len(rollouts) / micro)], ps)
-        lr = run.set_lr(step, total_steps)
-        totals = UpdateStats()
-        skipped_steps = 0
+        def kept_tokens(part):
+            return sum(len(r.completion_ids) for r in part if not (args.mask_truncated_completions and r.truncated))
+        counts = global_sum([x for part in parts for x in (len(part), kept_tokens(part), math.ceil(len(part) / micro))],
+                            ps)
+        n_seq = sum(counts[0::3])
+        n_tok = sum(counts[1::3]) / slices  # dapo/cispo: the rollout batch's tokens per optimizer step (as TRL)
+        totals, norms, step_losses, skipped_steps = UpdateStats(), [], [], 0
         for iteration in range(args.num_iterations):
             totals = UpdateStats()
-            for start in range(0, len(rollouts), micro):  # a rank without rollouts still joins the reduction
-                chunk = rollouts[start:start + micro]
-                optimizer.start_micro_batch(last=start + micro >= len(rollouts))
-                s = grpo_backward(model, chunk, ps, temperature=args.temperature, compute_dtype=compute_dtype,
-                                  pad_id=tok.pad_id, loss_type=args.loss_type, eps_low=args.epsilon,
-                                  eps_high=args.epsilon_high, beta=args.beta, global_sequences=int(n_seq),
-                                  global_tokens=int(n_tok), global_micro_batches=int(n_micro),
-                                  max_completion_length=args.max_new_tokens,
-                                  mask_truncated=args.mask_truncated_completions,
-                                  on_policy=args.num_iterations == 1, loss_scale=optimizer.loss_scale)
-                for name in vars(totals):
-                    setattr(totals, name, getattr(totals, name) + getattr(s, name))
-            grad_norm, skipped = optimizer.step(args.max_grad_norm)
-            skipped_steps += skipped
+            for j, part in enumerate(parts):
+                lr = run.set_lr((step * args.num_iterations + iteration) * slices + j, total_steps * updates)
+                step_loss = 0.0
+                for start in range(0, len(part), micro):  # a rank without rollouts still joins the reduction
+                    chunk = part[start:start + micro]
+                    optimizer.start_micro_batch(last=start + micro >= len(part))
+                    s = grpo_backward(model, chunk, ps, temperature=args.temperature, compute_dtype=compute_dtype,
+                                      pad_id=tok.pad_id, loss=loss_cfg, global_sequences=int(counts[3 * j]),
+                                      global_tokens=n_tok, global_micro_batches=int(counts[3 * j + 2]),
+                                      max_completion_length=args.max_new_tokens,
+                                      mask_truncated=args.mask_truncated_completions,
+                                      on_policy=updates == 1, loss_scale=optimizer.loss_scale)
+                    for name in vars(totals):
+                        setattr(totals, name, getattr(totals, name) + getattr(s, name))
+                    step_loss += s.loss
+                step_loss = all_reduce(torch.tensor(step_loss, dtype=torch.float64, device=ps.device),
+                                       ps.dpsp_group).item()
+                grad_norm, skipped = optimizer.step(args.max_grad_norm, loss_is_finite=math.isfinite(step_loss))
+                norms.append(grad_norm)
+                step_losses.append(step_loss)
+                if skipped:  # the same decision on every rank: the loss and the norm are global
+                    skipped_steps += 1
+                    log(f"step {step + 1}: update {iteration * slices + j + 1}/{updates} skipped (loss {step_loss}, "
+                        f"grad norm {grad_norm}: not finite); {skipped_total + skipped_steps} skipped so far", ps)
 
         # metrics: sums over DP (and over SP for token-level values, whose tokens are split)
         token_sums = all_reduce(torch.tensor([totals.loss, totals.kl, totals.low_clip, totals.high_clip,
@@ -338,20 +374,21 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                                 ps.dpsp_group).tolist()
         per_fn = [sum(r.rewards[k] for r in rollouts) for k in range(len(rewards))]
         lengths = [len(r.completion_ids) for r in rollouts]
-        sums = global_sum([sum(r.reward for r in rollouts), sum(r.reward ** 2 for r in rollouts),
-                           sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
+        mean, reward_std = (v.item() for v in mean_and_std(
+            torch.tensor([r.reward for r in rollouts], dtype=torch.float64), dp_sum(ps)))
+        sums = global_sum([sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
         max_len = all_reduce(torch.tensor(float(max(lengths, default=0)), device=ps.device), ps.dp_group,
                              op=torch.distributed.ReduceOp.MAX).item()
         n, tokens = max(n_seq, 1), max(token_sums[5], 1)
-        mean = sums[0] / n
-        record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": token_sums[0], "reward_mean": mean,
-                  "reward_std": math.sqrt(max(sums[1] / n - mean ** 2, 0.0)), "kl": token_sums[1] / tokens,
+        record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": sum(step_losses[-slices:]) / slices,
+                  "reward_mean": mean, "reward_std": reward_std, "kl": token_sums[1] / tokens,
                   "clip_low": token_sums[2] / tokens, "clip_high": token_sums[3] / tokens,
-                  "entropy": token_sums[4] / tokens, "completion_len_mean": sums[2] / n,
-                  "completion_len_max": max_len, "truncated_rate": sums[3] / n, "grad_norm": grad_norm,
-                  "tokens_per_s": sums[2] / max(time.time() - t0, 1e-9), "rollout_s": t_rollout,
+                  "entropy": token_sums[4] / tokens, "completion_len_mean": sums[0] / n,
+                  "completion_len_max": max_len, "truncated_rate": sums[1] / n,
+                  "grad_norm": sum(norms) / len(norms),
+                  "tokens_per_s": sums[0] / max(time.time() - t0, 1e-9), "rollout_s": t_rollout,
                   "step_s": time.time() - t0}
-        for (name, _, _), value in zip(rewards, sums[4:]):
+        for (name, _, _), value in zip(rewards, sums[2:]):
             record[f"reward/{name}"] = value / n
         skipped_total += skipped_steps
         record.update(skipped=skipped_steps, skipped_steps=skipped_total)
@@ -363,13 +400,14 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                            if k.startswith("reward/"))
                 + f" | kl {record['kl']:.4f} | clip {record['clip_low'] + record['clip_high']:.3f} | len "
                 f"{record['completion_len_mean']:.0f} | {record['tokens_per_s']:.0f} tok/s | peak "
-                f"{record['peak_memory_mb']:.0f} MB/rank | ETA {eta:.0f}s")
+                f"{record['peak_memory_mb']:.0f} MB/rank | skipped {skipped_total} | ETA {eta:.0f}s")
             if args.log_completions_steps and (step + 1) % args.log_completions_steps == 0 and rollouts:
                 for r in rollouts[:2]:
                     log(f"  [prompt {r.prompt.index} sample {r.sample_index} reward {r.reward:.2f}] "
                         f"{r.text[:300]!r}")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
             path = save(step + 1)
+        run.stop_if_requested(step + 1, last_step, save)
     if last_step > start_step or path is None:
         path = save(last_step)
     return path

@@ -3,8 +3,8 @@ the distributed optimizer and its zero stage, resume, checkpoints, the learning-
 
 A trainer calls ``TrainingRun.prepare`` first (cheap: flags, tokenizer, save directory, which checkpoint to
 resume), reads its data, then ``run.load_model()``; per step it calls ``run.set_lr``, does its forward/backward
-with ``run.optimizer.start_micro_batch`` before each backward, ``run.optimizer.step``, ``run.metrics.write`` and
-``run.save``.
+with ``run.optimizer.start_micro_batch`` before each backward, ``run.optimizer.step``, ``run.metrics.write``,
+``run.save`` and ``run.stop_if_requested`` (a stop signal on any rank: save, exit non-zero).
 """
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ import torch
 from ..models.families import config_folder, detect_model_type, get_family
 from ..models.pretrained import create_from_config, load_pretrained
 from ..parallel.cpu_allocator import keep_freed_memory
-from ..runtime import UsageError, log
+from ..runtime import Stopped, UsageError, log
 from ..tokenizer import load_tokenizer, tokenizer_source
-from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, latest_checkpoint,
-                            load_training_state, save_checkpoint)
+from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, load_training_state,
+                            resume_checkpoint, save_checkpoint)
 from .distributed_optimizer import DistributedAdamW
+from .lora_run import LoRARequest, export_lora, load_lora_model, lora_request
 from .loss_scale import DynamicLossScaler
-from .metrics import MetricsLog
+from .metrics import MetricsLog, local_memory_mb
+from .preemption import StopRequests, stop_message
 from .lr_schedule import lr_at
 
 
@@ -72,6 +74,9 @@ class TrainingRun:
     optimizer: DistributedAdamW | None = None
     trainer_state: dict = field(default_factory=dict)  # trainer.json of the resumed checkpoint
     metrics: MetricsLog | None = None
+    lora: LoRARequest | None = None  # adapters on a frozen base (training/lora_run.py); None: full fine-tuning
+    stop: StopRequests = field(default_factory=StopRequests)
+    last_saved: tuple = (None, None)  # (step, path) of the newest checkpoint this run wrote
 
     @classmethod
     def prepare(cls, args, ps, compute_dtype: torch.dtype) -> "TrainingRun":
@@ -81,12 +86,15 @@ class TrainingRun:
         if not tokenizer_dir:
             raise UsageError("--tokenizer_file is required with --from_scratch (no --ckpt_dir to take it from)")
         tok = load_tokenizer(tokenizer_dir, model_type=model_type)
+        lora = lora_request(args) if hasattr(args, "lora_rank") else None
         check_save_dir(args.save_dir, args.resume)
-        resume_from = latest_checkpoint(args.save_dir) if args.resume else None
+        resume_from = resume_checkpoint(args.save_dir, ps) if args.resume else None
         if args.resume and resume_from is None:
             log(f"--resume: no checkpoint in {args.save_dir} yet, starting a new run", ps)
-        return cls(args, ps, compute_dtype, model_type, tok, tokenizer_dir, resume_from,
-                   args.log_dir or args.save_dir)
+        run = cls(args, ps, compute_dtype, model_type, tok, tokenizer_dir, resume_from, args.log_dir or args.save_dir,
+                  lora=lora)
+        run.stop.install()
+        return run
 
     @property
     def start_step(self) -> int:
@@ -95,7 +103,10 @@ class TrainingRun:
     def load_model(self):
         """The model (resumed, pretrained, or new), the optimizer at its zero stage, and the resumed state."""
         args, ps = self.args, self.ps
-        if self.resume_from:
+        memory_before_model = local_memory_mb(ps.device)
+        if self.lora:
+            model = load_lora_model(self.lora, args, ps, self.model_type, self.compute_dtype, self.resume_from)
+        elif self.resume_from:
             model = load_pretrained(self.resume_from, self.model_type, ps)
         elif getattr(args, "from_scratch", False):
             if not args.config_file:
@@ -112,7 +123,7 @@ class TrainingRun:
         self.optimizer = DistributedAdamW(
             model, ps, stage=stage, lr=args.lr, weight_decay=args.weight_decay,
             betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
-            param_dtype=parameter_dtype(stage, self.compute_dtype),
+            param_dtype=torch.float32 if self.lora else parameter_dtype(stage, self.compute_dtype),
             loss_scaler=loss_scaler(args, self.compute_dtype))
         keep_freed_memory(ps.device)  # after the load: steps reuse freed memory instead of page-faulting it
         if self.resume_from:
@@ -120,7 +131,8 @@ class TrainingRun:
             log(f"resumed from {self.resume_from} at step {self.start_step}", ps)
         if ps.rank == 0:
             os.makedirs(args.save_dir, exist_ok=True)
-        self.metrics = MetricsLog(self.log_dir, ps)
+        self.metrics = MetricsLog(self.log_dir, ps, memory_before_model)
+        self.metrics.drop_after(self.start_step)
         return model
 
     def describe(self) -> str:
@@ -137,10 +149,26 @@ class TrainingRun:
 
     def save(self, step: int, trainer_state: dict) -> str:
         args = self.args
+        export = None
+        if self.lora:
+            export = lambda out: export_lora(  # noqa: E731
+                self.model, self.ps, out, base_dir=args.ckpt_dir, source_config=export_config_source(args, None),
+                tokenizer_dir=self.tokenizer_dir, save_dtype=SAVE_DTYPES[args.save_dtype], merge=self.lora.merge)
         path = save_checkpoint(args.save_dir, step, self.model, self.optimizer,
                                {**trainer_state, "model_type": self.model_type}, self.ps,
                                source_config=export_config_source(args, self.resume_from),
                                tokenizer_dir=self.tokenizer_dir, save_dtype=SAVE_DTYPES[args.save_dtype],
-                               keep=args.save_total_limit)
+                               keep=args.save_total_limit, export=export)
         log(f"saved {path}", self.ps)
+        self.last_saved = (step, path)
         return path
+
+    def stop_if_requested(self, step: int, last_step: int, save) -> None:
+        """After optimizer step ``step``, on every rank: when any rank got a stop signal, every rank saves
+        checkpoint-``step`` (``save(step)``, unless just saved) and raises ``Stopped``. The last step just ends."""
+        if step >= last_step:
+            return
+        signum = self.stop.agreed(self.ps)
+        if signum:
+            path = self.last_saved[1] if self.last_saved[0] == step else save(step)
+            raise Stopped(stop_message(signum, step, last_step, path), 128 + signum)

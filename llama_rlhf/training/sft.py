@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import StepBatches, collate, load_samples, pack
+from ..data import StepBatches, build_train_data, collate
 from ..parallel.comm import all_reduce
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..runtime import UsageError, autocast, log
@@ -89,18 +89,9 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
     """Run SFT/pretraining as configured by solver_train's flags; returns the final checkpoint path."""
     run = TrainingRun.prepare(args, ps, compute_dtype)
     tok = run.tok
-    samples, stats = load_samples(args.train_file, tok, args.use_chat_template, args.system_prompt, args.max_seq_len)
-    log(f"{args.train_file}: {stats.samples} samples, {stats.truncated} truncated to {args.max_seq_len} tokens, "
-        f"{stats.skipped_no_response} skipped (no response tokens left)", ps)
-    rows = pack(samples, args.max_seq_len, args.packing)
-    schedule = StepBatches(rows, args.max_batch_size, ps.dp_size, args.gradient_accumulation_steps, args.seed)
+    data = build_train_data(args, tok, ps)
+    schedule, eval_schedule = data.schedule, data.eval_schedule
     total_steps = args.epochs * schedule.steps_per_epoch
-    eval_schedule = None
-    if args.eval_file:
-        eval_samples, _ = load_samples(args.eval_file, tok, args.use_chat_template, args.system_prompt,
-                                       args.max_seq_len)
-        eval_schedule = StepBatches(pack(eval_samples, args.max_seq_len, args.packing), args.max_batch_size,
-                                    ps.dp_size, 1, args.seed)
 
     model = run.load_model()
     optimizer = run.optimizer
@@ -109,8 +100,8 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
                          f"this run has {schedule.global_batch} (max_batch_size x DP x accumulation): keep them equal")
     start_step = run.start_step
     last_step = total_steps if not args.max_steps else min(total_steps, args.max_steps)
-    log(f"training {run.model_type} | {run.describe()} | {len(rows)} rows, {schedule.steps_per_epoch} steps/epoch "
-        f"x {args.epochs} epochs, global batch {schedule.global_batch}", ps)
+    log(f"training {run.model_type} | {run.describe()} | {schedule.epoch_rows} rows, {schedule.steps_per_epoch} "
+        f"steps/epoch x {args.epochs} epochs, global batch {schedule.global_batch}", ps)
 
     def save(step):
         return run.save(step, {"epoch": step // schedule.steps_per_epoch,
@@ -144,6 +135,7 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
                 f"/rank | ETA {format_eta(eta)}{extra}")
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
             path = save(step + 1)
+        run.stop_if_requested(step + 1, last_step, save)
     if last_step > start_step or path is None:
         path = save(last_step)
     return path
