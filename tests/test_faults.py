@@ -247,7 +247,7 @@ def test_full_disk_and_failed_writes_leave_earlier_checkpoints_intact(tiny_model
                                  "--save_total_limit")
     needed = int(results[0].stderr.split("needs about ")[1].split("(")[1].split(" bytes")[0].replace(",", ""))
     assert abs(needed - on_disk) <= 0.01 * on_disk, (needed, on_disk)  # the estimate is within 1% of a real save
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "data_cache", "metrics.jsonl"]  # nothing half-written
 
     # a write that fails anyway (a 20 MB file-size limit: EFBIG): the path, the bytes, the OS error
     def limit_file_size():
@@ -262,7 +262,7 @@ def test_full_disk_and_failed_writes_leave_earlier_checkpoints_intact(tiny_model
         assert "/.checkpoint-4.tmp/" in line and " bytes): " in line and "File too large" in line, line
         assert "checkpoint-4 not saved (removed" in line and "earlier checkpoints are intact" in line, line
     assert "Traceback" not in err.split("[rank")[1]
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "data_cache", "metrics.jsonl"]  # nothing half-written
     assert checkpoint_problem(good, single_process_state()) is None
     print(f"disk: estimate {needed:,} bytes vs {on_disk:,} on disk")
 
