@@ -5,14 +5,19 @@
         --temperature 0.6 --top_p 0.95 --num_samples_per_prompt 4 --use_chat_template
 
 Writes LOGS/results.jsonl: one line per input line, in input order, with "output" the list of samples.
+With --reward_funcs (the GRPO reward spec) every sample is scored, and LOGS/summary.json (also printed) gives the
+mean reward per function, accuracy as mean@n, pass@k for --pass_k and maj@n for numeric answers.
 """
 import argparse
 import os
 
 from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_lora_flags, add_model_flags,
-                            check_numbers)
+                            add_reward_flags, check_numbers)
+from llama_rlhf.data.readers import read_records
 from llama_rlhf.parallel.state import init_parallel
+from llama_rlhf.rewards import build_rewards, check_required_fields
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
+from llama_rlhf.scoring import parse_pass_k
 
 
 def parse_args(argv=None):
@@ -31,6 +36,10 @@ def parse_args(argv=None):
     s.add_argument("--max_new_tokens", type=int, default=512, help="longest response in tokens")
     s.add_argument("--num_samples_per_prompt", type=int, default=1, help="samples per prompt (one prefill each)")
     s.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
+    r = p.add_argument_group("scoring")
+    add_reward_flags(r, None)
+    r.add_argument("--pass_k", default=None,
+                   help="comma list of k for pass@k, each <= --num_samples_per_prompt (default 1, 2, 4, ... n)")
     add_lora_flags(p, training=False)
     add_llama_rlhf_flags(p, "generate")
     args = p.parse_args(argv)
@@ -41,11 +50,25 @@ def parse_args(argv=None):
         raise UsageError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
     if args.max_seq_len < 2:
         raise UsageError(f"--max_seq_len must be >= 2 (a prompt token and a new one), got {args.max_seq_len}")
+    if args.pass_k is not None and not args.reward_funcs:
+        raise UsageError("--pass_k needs --reward_funcs (the rewards that decide which samples are correct)")
+    if args.reward_funcs:
+        args.pass_k = parse_pass_k(args.pass_k, args.num_samples_per_prompt)
     return args
+
+
+def load_rewards(args):
+    """The reward functions, and every line of --label_file holding the fields they need (before any model)."""
+    if not args.reward_funcs:
+        return None
+    rewards = build_rewards(args.reward_funcs, args.reward_weights, (args.length_min, args.length_max))
+    check_required_fields(rewards, read_records(args.label_file))
+    return rewards
 
 
 def main():
     args = parse_args()
+    rewards = load_rewards(args)
     compute_dtype = parse_dtype(args.dtype)
     ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
@@ -75,7 +98,7 @@ def main():
     log(f"generating with {model_type} | MP={ps.mp_size} x {ps.dp_size * ps.sp_size} replicas | "
         f"{str(compute_dtype).replace('torch.', '')} | temperature {args.temperature} top_p {args.top_p} "
         f"top_k {args.top_k} | {args.num_samples_per_prompt} samples/prompt", ps)
-    path = run_generation(args, model, tok, ps, compute_dtype)
+    path = run_generation(args, model, tok, ps, compute_dtype, rewards)
     if path:
         log(f"done: {path}", ps)
 

@@ -5,12 +5,12 @@
         --beta 0.04 --lr 1e-6 --use_chat_template
 
 Reward functions: accuracy, format, length, or path/to/file.py:function with the signature
-``def reward(completion: str, sample: dict) -> float`` (see llama_rlhf/training/rewards.py).
+``def reward(completion: str, sample: dict) -> float`` (see llama_rlhf/rewards.py).
 """
 import argparse
 
 from llama_rlhf.cli import (add_bool, add_chat_flags, add_llama_rlhf_flags, add_lora_flags, add_memory_flags,
-                            add_model_flags, check_numbers)
+                            add_model_flags, add_report_flags, add_reward_flags, check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALE_REWARDS
@@ -24,11 +24,13 @@ def parse_args(argv=None):
     d = p.add_argument_group("data and rewards")
     d.add_argument("--train_file", required=True,
                    help='jsonl: {"instruction" or "messages", "answer" (for accuracy), any other fields}')
-    d.add_argument("--reward_funcs", default="accuracy,format",
-                   help="comma list of accuracy, format, length, path/to/file.py:function")
-    d.add_argument("--reward_weights", default=None, help="comma list of weights, one per reward (default all 1)")
-    d.add_argument("--length_min", type=int, default=16, help="length reward: shortest ideal completion (tokens)")
-    d.add_argument("--length_max", type=int, default=256, help="length reward: longest ideal completion (tokens)")
+    add_reward_flags(d, "accuracy,format")
+    d.add_argument("--eval_file", default=None,
+                   help="held-out jsonl (like --train_file) sampled and scored with the rewards at step 0, every "
+                        "--eval_steps and at the end: eval/<reward>, eval/mean@n, eval/pass@k, eval/maj@n")
+    d.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: start and end only)")
+    d.add_argument("--eval_num_samples", type=int, default=0,
+                   help="samples per held-out prompt (default: --num_samples_per_prompt)")
     s = p.add_argument_group("sampling")
     s.add_argument("--num_samples_per_prompt", type=int, default=8, help="group size G")
     s.add_argument("--max_new_tokens", type=int, default=256, help="longest completion")
@@ -87,6 +89,7 @@ def parse_args(argv=None):
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
     c.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
+    add_report_flags(c)
     c.add_argument("--save_steps", type=int, default=0, help="save every N steps (0: only at the end)")
     c.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     c.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the exported HF weights")
@@ -106,6 +109,8 @@ def parse_args(argv=None):
     for name in ("num_samples_per_prompt", "max_batch_size", "num_iterations", "epochs", "steps_per_rollout"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
+    if (args.eval_steps or args.eval_num_samples) and not args.eval_file:
+        raise UsageError("--eval_steps and --eval_num_samples need --eval_file (the held-out prompts)")
     per_rank = args.max_batch_size * args.num_samples_per_prompt
     if per_rank % args.steps_per_rollout:
         raise UsageError(f"--steps_per_rollout {args.steps_per_rollout} must divide the rollouts of a rank per step "
@@ -124,7 +129,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from llama_rlhf.training.rewards import build_rewards
+    from llama_rlhf.rewards import build_rewards
     build_rewards(args.reward_funcs, args.reward_weights)  # a bad spec fails on every rank before start-up
     ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)

@@ -6,7 +6,7 @@
 import argparse
 
 from llama_rlhf.cli import (add_bool, add_chat_flags, add_data_flags, add_llama_rlhf_flags, add_lora_flags,
-                            add_memory_flags, add_model_flags, check_numbers)
+                            add_memory_flags, add_model_flags, add_report_flags, check_numbers)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.lr_schedule import SCHEDULES
@@ -17,6 +17,13 @@ def parse_args(argv=None):
     add_model_flags(p)
     add_chat_flags(p)
     add_data_flags(p)
+    g = p.add_argument_group("generation tracking")
+    g.add_argument("--sample_prompts_file", default=None,
+                   help='a few prompts ({"instruction"} or {"messages"} lines) answered greedily at step 0, every '
+                        '--sample_steps and at the end; the answers go to metrics.jsonl as "samples"')
+    g.add_argument("--sample_steps", type=int, default=0, help="track the sample prompts every N steps (0: start "
+                                                                "and end only)")
+    g.add_argument("--sample_max_new_tokens", type=int, default=64, help="longest tracked answer in tokens")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     o.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
@@ -36,6 +43,7 @@ def parse_args(argv=None):
     s = p.add_argument_group("checkpoints and logs")
     s.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
     s.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")
+    add_report_flags(s)
     s.add_argument("--save_steps", type=int, default=0, help="save every N optimizer steps (0: only at the end)")
     s.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     s.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -49,6 +57,8 @@ def parse_args(argv=None):
     for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sample_steps and not args.sample_prompts_file:
+        raise UsageError("--sample_steps needs --sample_prompts_file (the prompts to track)")
     return args
 
 

@@ -113,7 +113,7 @@ def trl_worker(spec: dict) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from llama_rlhf.training.rewards import accuracy_reward
+    from llama_rlhf.rewards import accuracy_reward
 
     with open(spec["prompt_file"], encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]

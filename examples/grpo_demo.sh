@@ -26,3 +26,5 @@ rewards = [json.loads(line)["reward_mean"] for line in open(sys.argv[1])]
 k = max(1, len(rewards) // 4)
 print(f"\nmean reward: first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps {sum(rewards[-k:]) / k:.3f}")
 PY
+
+python3 -m llama_rlhf.plot "$out"  # loss, lr, grad-norm, tokens/s (SFT); rewards, KL, clip, length (GRPO)

@@ -39,3 +39,5 @@ for b, t in zip(base, tuned):
     print(f"  base:  {b['output'][0].strip()}")
     print(f"  tuned: {t['output'][0].strip()}")
 PY
+
+python3 -m llama_rlhf.plot "$out"  # loss, lr, grad-norm, tokens/s (SFT); rewards, KL, clip, length (GRPO)

@@ -6,7 +6,10 @@ continued exactly as written, no template). A trailing assistant message (or a "
 answer, not part of the prompt. Every other field is carried
 through; an input "output" field is kept as "reference_output". Output: ``log_dir/results.jsonl``, one line
 per input line in input order, with "output" (the samples' texts), "num_prompt_tokens", "num_output_tokens"
-and "finish_reason" ("stop": an end token, "length": --max_new_tokens or --max_seq_len).
+and "finish_reason" ("stop": an end token, "length": --max_new_tokens or --max_seq_len). With reward functions
+(--reward_funcs) each line also gets "rewards" ({name: [value per sample]}), "reward" (the weighted sums) and,
+with accuracy, "predicted_answer" (each sample's extracted final answer); ``log_dir/summary.json`` holds the
+scores of llama_rlhf.scoring (mean reward per function, mean@n, pass@k, maj@n).
 
 Replicas: every (DP, SP) coordinate holds a whole model (generation runs whole sequences on SP ranks), so
 prompts are dealt round-robin over DP x SP replicas; MP ranks of a replica decode together.
@@ -14,16 +17,20 @@ prompts are dealt round-robin over DP x SP replicas; MP ranks of a replica decod
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from .generation import generate
 from .data.formats import prompt_record
 from .data.readers import read_records
-from .jsonl import DataError, write_jsonl_atomic
+from .jsonl import DataError, write_json_atomic, write_jsonl_atomic
+from .rewards import reward_sample, score, total
 from .runtime import UsageError, log
 from .sampling import SamplingParams
+from .scoring import format_table, predicted_answers, summarize
 
 
 @dataclass
@@ -82,12 +89,15 @@ def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     return prompts
 
 
+SYNC_CHUNK_BATCHES = 8  # replicas meet after every SYNC_CHUNK_BATCHES x --max_batch_size prompts
+
+
 def replica_of(ps) -> tuple[int, int]:
     """(this rank's replica index, number of replicas): one replica per (DP, SP) coordinate."""
     return ps.dp_rank * ps.sp_size + ps.sp_rank, ps.dp_size * ps.sp_size
 
 
-def result_row(prompt: Prompt, completions, tok) -> dict:
+def result_row(prompt: Prompt, completions, tok, rewards=None) -> dict:
     row = {k: v for k, v in prompt.obj.items() if k != "output"}
     if "output" in prompt.obj:
         row["reference_output"] = prompt.obj["output"]
@@ -97,6 +107,13 @@ def result_row(prompt: Prompt, completions, tok) -> dict:
         row["prompt_tokens_cut"] = prompt.truncated
     row["num_output_tokens"] = [len(c.token_ids) for c in completions]
     row["finish_reason"] = [c.finish_reason for c in completions]
+    if rewards:
+        values = [score(rewards, text, reward_sample(prompt.obj, c.token_ids, c.finish_reason == "length"))
+                  for text, c in zip(row["output"], completions)]  # [samples][rewards]
+        row["rewards"] = {name: [v[k] for v in values] for k, (name, _, _) in enumerate(rewards)}
+        row["reward"] = [total(rewards, v) for v in values]
+        if any(name == "accuracy" for name, _, _ in rewards):
+            row["predicted_answer"] = predicted_answers(row["output"])
     return row
 
 
@@ -120,8 +137,41 @@ def gather_rows(mine: list[tuple[int, dict]], total: int, ps) -> list[dict] | No
     return rows
 
 
-def run_generation(args, model, tok, ps, compute_dtype) -> str | None:
-    """Generate for every line of args.label_file; returns the results path on rank 0 (None elsewhere)."""
+def generate_rows(prompts: list[Prompt], model, tok, ps, params: SamplingParams, *, max_batch_size: int,
+                  max_seq_len: int, seed: int, compute_dtype, rewards=None, progress=None,
+                  progress_every: float = 30.0) -> list[dict] | None:
+    """Every prompt's result row (scored when ``rewards`` are given), prompts dealt over the replicas; the rows
+    in input order on global rank 0, None elsewhere. Every rank calls it.
+
+    The replicas meet after every chunk of prompts: a replica that is done early waits in a collective (bounded by
+    --distributed_timeout_minutes) for one chunk of the others' work at most, not for the rest of the job.
+    Sampling is keyed by prompt index, so the chunks change no result."""
+    replica, replicas = replica_of(ps)
+    indices = list(range(replica, len(prompts), replicas))
+    outputs, tokens_before, t0 = [], [0], time.time()
+
+    def chunk_progress(done, total, tokens, seconds):  # one chunk's counts -> this replica's whole share
+        if progress is not None:
+            progress(len(outputs) + done, len(indices), tokens_before[0] + tokens, time.time() - t0)
+        if done == total:
+            tokens_before[0] += tokens
+
+    chunk = SYNC_CHUNK_BATCHES * max_batch_size
+    for start in range(0, -(-len(prompts) // replicas), chunk):  # the same number of chunks on every replica
+        part = indices[start:start + chunk]
+        if part:
+            outputs += generate(model, [prompts[i].ids for i in part], params, tok.end_ids, ps,
+                                max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed, prompt_keys=part,
+                                compute_dtype=compute_dtype, progress=chunk_progress, progress_every=progress_every)
+        if replicas > 1:
+            dist.all_reduce(torch.zeros(1, device=ps.device), group=ps.dpsp_group)
+    mine = [(i, result_row(prompts[i], out, tok, rewards)) for i, out in zip(indices, outputs)]
+    return gather_rows(mine, len(prompts), ps)
+
+
+def run_generation(args, model, tok, ps, compute_dtype, rewards=None) -> str | None:
+    """Generate for every line of args.label_file (scored with ``rewards``: summary.json and a printed table);
+    returns the results path on rank 0 (None elsewhere)."""
     prompts = read_prompts(args.label_file, tok, args.use_chat_template, args.system_prompt, args.max_seq_len,
                            args.strict)
     cut = [p for p in prompts if p.truncated]
@@ -130,22 +180,23 @@ def run_generation(args, model, tok, ps, compute_dtype) -> str | None:
                                  f"{' ...' if len(cut) > 10 else ''})" if cut else ""), ps)
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens,
                             args.num_samples_per_prompt)
-    replica, replicas = replica_of(ps)
-    indices = list(range(replica, len(prompts), replicas))
+    replicas = replica_of(ps)[1]
 
     def progress(done, total, tokens, seconds):
         log(f"replica 0 of {replicas}: {done}/{total} of its prompts done, {tokens} tokens, "
             f"{tokens / max(seconds, 1e-9):.1f} tokens/s", ps)
 
-    outputs = generate(model, [prompts[i].ids for i in indices], params, tok.end_ids, ps,
-                       max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, seed=args.seed,
-                       prompt_keys=indices, compute_dtype=compute_dtype, progress=progress,
-                       progress_every=args.log_every)
-    mine = [(i, result_row(prompts[i], out, tok)) for i, out in zip(indices, outputs)]
-    rows = gather_rows(mine, len(prompts), ps)
+    rows = generate_rows(prompts, model, tok, ps, params, max_batch_size=args.max_batch_size,
+                         max_seq_len=args.max_seq_len, seed=args.seed, compute_dtype=compute_dtype, rewards=rewards,
+                         progress=progress, progress_every=args.log_every)
     if rows is None:
         return None
     os.makedirs(args.log_dir, exist_ok=True)
     path = os.path.join(args.log_dir, "results.jsonl")
     write_jsonl_atomic(path, rows)
+    if rewards:
+        summary = summarize(rows, [name for name, _, _ in rewards], args.pass_k)
+        summary_path = os.path.join(args.log_dir, "summary.json")
+        write_json_atomic(summary_path, summary)
+        log(format_table(summary) + f"\nscores written to {summary_path}")
     return path

@@ -54,6 +54,22 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_batch_size", type=int, default=4, help="sequences (or prompts) per rank per step")
 
 
+def add_reward_flags(group, default: str | None) -> None:
+    """The reward spec (llama_rlhf/rewards.py) that GRPO trains on and solver_generate scores with."""
+    group.add_argument("--reward_funcs", default=default,
+                       help="comma list of accuracy, format, length, path/to/file.py:function"
+                            + ("" if default else " (default: no scoring)"))
+    group.add_argument("--reward_weights", default=None, help="comma list of weights, one per reward (default all 1)")
+    group.add_argument("--length_min", type=int, default=16, help="length reward: shortest ideal completion (tokens)")
+    group.add_argument("--length_max", type=int, default=256, help="length reward: longest ideal completion (tokens)")
+
+
+def add_report_flags(group) -> None:
+    """Where a trainer's per-step records go besides metrics.jsonl."""
+    group.add_argument("--report_to", default="jsonl",
+                       help="comma list of jsonl (always on), tensorboard (event files in LOG_DIR/tensorboard), "
+                            "wandb (a run in LOG_DIR/wandb; WANDB_MODE=offline works without network)")
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """Training data: files, their shape, mixing, the token cache, packing, evaluation (README, "Data")."""
     d = parser.add_argument_group("data")
@@ -129,6 +145,10 @@ NUMBER_RULES = {
     "epsilon": (lambda v: v >= 0, ">= 0"),
     "epsilon_high": (lambda v: v >= 0, ">= 0"),
     "distributed_timeout_minutes": (lambda v: v > 0, "> 0 (minutes; fractions allowed)"),
+    "eval_steps": (lambda v: v >= 0, ">= 0"),
+    "eval_num_samples": (lambda v: v >= 0, ">= 0 (0: --num_samples_per_prompt)"),
+    "sample_steps": (lambda v: v >= 0, ">= 0 (0: at the start and the end only)"),
+    "sample_max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }
 
 

@@ -3,13 +3,16 @@
 Every interrupted run is compared with one uninterrupted run of the same command: the losses of every step and the
 final weights must be equal bit for bit (fp32, same layout).
 """
+import contextlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -53,8 +56,8 @@ def torchrun_cmd(args, *launcher):
 
 def mpirun_cmd(args):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return ["mpirun", "-np", "2", *root, "--oversubscribe", sys.executable, os.path.join(ROOT, "solver_train.py"),
-            *args]
+    return ["mpirun", "-np", "2", *root, "--oversubscribe", *shlex.split(os.environ.get("MPIRUN_ARGS", "")),
+            sys.executable, os.path.join(ROOT, "solver_train.py"), *args]
 
 
 def mpi_free_env():
@@ -77,7 +80,7 @@ def finish(proc, timeout=240):
 def wait_for(predicate, proc, timeout=120):
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-3000:]}"
+        assert proc.poll() is None, f"the run ended early: {(proc.communicate()[1] or '')[-3000:]}"
         assert time.time() < deadline, "timed out waiting"
         time.sleep(0.05)
 
@@ -103,6 +106,36 @@ def reference(tiny_model, small_data, tmp_path_factory):
     code, _, err = finish(start(torchrun_cmd(train_args(tiny_model, small_data, out))))
     assert code == 0, err[-3000:]
     return [m["loss"] for m in metrics(out)], final_weights(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stopped_peer(tiny_model, small_data, tmp_path_factory):
+    """A worker stopped with SIGSTOP under --distributed_timeout_minutes 0.5, started before the other tests and
+    checked by the last one (the job spends its minute waiting, so the other tests run meanwhile)."""
+    folder = tmp_path_factory.mktemp("stopped_peer")
+    out = str(folder / "run")
+    args = train_args(tiny_model, small_data, out, "--distributed_timeout_minutes", "0.5", "--epochs", "1000")
+    args = args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:]  # would run for hours
+    stderr = folder / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(torchrun_cmd(args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+    wait_for(lambda: steps_logged(out) >= 1, proc)
+    workers = workers_of(proc)
+    os.kill(workers[-1], signal.SIGSTOP)
+    state = {"proc": proc, "workers": workers, "stderr": stderr, "stopped_at": time.time()}
+
+    def wait():
+        proc.wait()
+        state["ended_at"] = time.time()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    state["waiter"] = waiter
+    yield state
+    if proc.poll() is None:  # the checking test did not run (-k): end the job
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def assert_same_run(save_dir, reference):
@@ -194,25 +227,9 @@ def test_worker_killed_under_max_restarts_completes_like_an_uninterrupted_run(ti
     assert_same_run(out, reference)  # the steps after checkpoint-2 that the first round logged were dropped
 
 
-def test_stopped_peer_ends_the_job_within_the_timeout(tiny_model, small_data, tmp_path):
-    """A worker stopped with SIGSTOP: its peer's collective times out after 0.5 minutes and names the flag; torchrun
-    then ends the stopped worker (SIGKILL after its 30 s shutdown wait)."""
-    out = str(tmp_path / "run")
-    args = train_args(tiny_model, small_data, out, "--distributed_timeout_minutes", "0.5", "--epochs", "1000")
-    proc = start(torchrun_cmd(args[:args.index("--max_steps")] + args[args.index("--max_steps") + 2:]))
-    wait_for(lambda: steps_logged(out) >= 1, proc)
-    workers = workers_of(proc)
-    os.kill(workers[-1], signal.SIGSTOP)
-    t0 = time.time()
-    code, _, err = finish(proc, timeout=120)
-    gone_in = time.time() - t0
-    assert code != 0
-    assert gone_in <= 90, f"the job held on for {gone_in:.0f}s"
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
-    lines = [line for line in err.splitlines() if "timed out after --distributed_timeout_minutes 0.5" in line]
-    assert lines and lines[0].startswith("[rank 0] error: a collective ("), err[-3000:]
-    print(f"SIGSTOP: every process gone {gone_in:.0f}s after the stop; {lines[0]}")
+def checkpoints_in(save_dir):
+    """Checkpoints and temporary checkpoint folders in ``save_dir``."""
+    return sorted(n for n in os.listdir(save_dir) if n.startswith(("checkpoint-", ".checkpoint-")))
 
 
 def free_space_run(tiny_model, small_data, save_dir, steps, **env):
@@ -247,7 +264,7 @@ def test_full_disk_and_failed_writes_leave_earlier_checkpoints_intact(tiny_model
                                  "--save_total_limit")
     needed = int(results[0].stderr.split("needs about ")[1].split("(")[1].split(" bytes")[0].replace(",", ""))
     assert abs(needed - on_disk) <= 0.01 * on_disk, (needed, on_disk)  # the estimate is within 1% of a real save
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert checkpoints_in(out) == ["checkpoint-2"]
 
     # a write that fails anyway (a 20 MB file-size limit: EFBIG): the path, the bytes, the OS error
     def limit_file_size():
@@ -262,7 +279,7 @@ def test_full_disk_and_failed_writes_leave_earlier_checkpoints_intact(tiny_model
         assert "/.checkpoint-4.tmp/" in line and " bytes): " in line and "File too large" in line, line
         assert "checkpoint-4 not saved (removed" in line and "earlier checkpoints are intact" in line, line
     assert "Traceback" not in err.split("[rank")[1]
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert checkpoints_in(out) == ["checkpoint-2"]
     assert checkpoint_problem(good, single_process_state()) is None
     print(f"disk: estimate {needed:,} bytes vs {on_disk:,} on disk")
 
@@ -352,3 +369,44 @@ def test_bad_input_is_one_line_on_every_rank(solver, extra, fragments, tiny_mode
     for r in results:
         assert "Traceback" not in r.stderr and len([x for x in r.stderr.splitlines() if "error" in x]) == 1, r.stderr
     assert time.time() - t0 < 60
+
+
+def test_generation_in_chunks_changes_no_result(tiny_model, tmp_path, monkeypatch):
+    """solver_generate's replicas meet after every chunk of prompts (so no collective waits for the rest of a long
+    job); sampled results are keyed by prompt, so one chunk per prompt writes the same file as one chunk in all."""
+    import solver_generate
+    from llama_rlhf import batch_generate
+    from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.tokenizer import load_tokenizer
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 3}."}) + "\n" for i in range(5)))
+    ps = single_process_state()
+    model = load_pretrained(tiny_model, "llama-hf", ps).eval()
+    tok = load_tokenizer(tiny_model)
+    written = []
+    for batches in (batch_generate.SYNC_CHUNK_BATCHES, 1):
+        monkeypatch.setattr(batch_generate, "SYNC_CHUNK_BATCHES", batches)
+        args = solver_generate.parse_args(["--ckpt_dir", tiny_model, "--label_file", str(prompts), "--log_dir",
+                                           str(tmp_path / f"chunks{batches}"), "--max_batch_size", "1",
+                                           "--temperature", "1.0", "--num_samples_per_prompt", "2",
+                                           "--max_new_tokens", "6", "--max_seq_len", "64", "--dtype", "float32"])
+        with open(batch_generate.run_generation(args, model, tok, ps, torch.float32)) as f:
+            written.append(f.read())
+    assert written[0] == written[1] and len(written[0].splitlines()) == 5
+
+
+def test_stopped_peer_ends_the_job_within_the_timeout(stopped_peer):
+    """(Last in the file: the job started before the first test.) Rank 0's collective times out after 0.5 minutes
+    and names the flag; torchrun then ends the stopped worker (SIGKILL after its 30 s shutdown wait)."""
+    stopped_peer["waiter"].join(timeout=max(1.0, 150 - (time.time() - stopped_peer["stopped_at"])))
+    proc = stopped_peer["proc"]
+    assert proc.poll() is not None, "the job still holds on, 150 s after a worker was stopped"
+    gone_in = stopped_peer["ended_at"] - stopped_peer["stopped_at"]
+    assert proc.returncode != 0
+    assert gone_in <= 90, f"the job held on for {gone_in:.0f}s"
+    for pid in stopped_peer["workers"]:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    err = stopped_peer["stderr"].read_text()
+    lines = [line for line in err.splitlines() if "timed out after --distributed_timeout_minutes 0.5" in line]
+    assert lines and lines[0].startswith("[rank 0] error: a collective ("), err[-3000:]
+    print(f"SIGSTOP: every process gone {gone_in:.0f}s after the stop; {lines[0]}")

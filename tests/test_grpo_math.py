@@ -10,7 +10,7 @@ import torch
 from llama_rlhf.runtime import UsageError
 from llama_rlhf.training.grpo_loss import (LOSS_TYPES, LossConfig, group_advantages, k3_kl, loss_share, mean_and_std,
                                            token_terms, token_weights)
-from llama_rlhf.training.rewards import (accuracy_reward, build_rewards, extract_answer, format_reward,
+from llama_rlhf.rewards import (accuracy_reward, build_rewards, extract_answer, format_reward,
                                          make_length_reward, score)
 
 

@@ -196,6 +196,13 @@ def check_training_moves_adapters_only(_, out_root):
         ref = plain(ids)
         off = AdaptersOff(model)(ids)
     assert torch.equal(off, ref), f"adapters-off logits differ from the base by {(off - ref).abs().max():.2e}"
+    from llama_rlhf.training.grpo import token_logprobs  # the GRPO reference's log-probs: the base's, exactly
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(12).expand(2, 12)}
+    with torch.no_grad():
+        lp_off, _ = token_logprobs(AdaptersOff(model), batch, ps, 0.7, torch.float32)
+        lp_base, _ = token_logprobs(plain, batch, ps, 0.7, torch.float32)
+        lp_on, _ = token_logprobs(model, batch, ps, 0.7, torch.float32)
+    assert torch.equal(lp_off, lp_base) and not torch.equal(lp_on, lp_base)
     if ps.rank == 0:
         with open(os.path.join(out_root, "memory.txt"), "w") as f:
             f.write(f"MP=2 DP=2 stage 1 LoRA r=4: {json.dumps(held)}\n")

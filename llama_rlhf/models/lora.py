@@ -64,6 +64,29 @@ def base_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Ten
     return layer.weight
 
 
+class DequantLinear(torch.autograd.Function):
+    """fwd: x W^T with W dequantized from ``quant``; bwd: dx = dy W with W dequantized again (only the quantized
+    weight is kept for backward, never the dense one; the base takes no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, quant):
+        ctx.quant = quant
+        return F.linear(x, quant.dequantize(x.dtype))  # [..., in] -> [..., out]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.quant.dequantize(grad.dtype), None  # [..., out] @ [out, in] -> [..., in]
+
+
+def base_linear(layer: nn.Module, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """x W^T (+ bias) with the layer's base weight, dense or quantized."""
+    quant = getattr(layer, "quant", None)
+    if quant is None:
+        return F.linear(x, layer.weight, bias)
+    y = DequantLinear.apply(x, quant)
+    return y if bias is None else y + bias
+
+
 class LoRAFactor(nn.Module):
     """One factor (``lora_A`` or ``lora_B``): a bare weight, so its name ends ``.lora_A.weight`` as in PEFT."""
 
@@ -96,13 +119,13 @@ class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
             x = copy_to_group(x, self.group)
-        y = F.linear(x, base_weight(self, x.dtype), self.bias)  # [..., in] -> [..., out / parts]
+        y = base_linear(self, x, self.bias)  # [..., in] -> [..., out / parts]
         return y + self.lora_delta(x) if self.has_lora() else y
 
 
 class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, base_weight(self, x.dtype))  # [..., in / mp] -> [..., out], partial over MP
+        partial = base_linear(self, x)  # [..., in / mp] -> [..., out], partial over MP
         if self.has_lora():
             partial = partial + self.lora_delta(x)  # summed by the same all-reduce
         y = reduce_from_group(partial, self.group)
@@ -203,18 +226,22 @@ def adapters_disabled(model: nn.Module):
 
 
 class AdaptersOff:
-    """The model seen with its adapters off: callable like the model (forward and ``logits``)."""
+    """The model seen with its adapters off: callable like the model (forward and ``logits``); any other attribute
+    is the model's own."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self._adapted = model
+
+    def __getattr__(self, name):
+        return getattr(self._adapted, name)
 
     def __call__(self, *args, **kwargs):
-        with adapters_disabled(self.model):
-            return self.model(*args, **kwargs)
+        with adapters_disabled(self._adapted):
+            return self._adapted(*args, **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        with adapters_disabled(self.model):
-            return self.model.logits(hidden)
+        with adapters_disabled(self._adapted):
+            return self._adapted.logits(hidden)
 
 
 @torch.no_grad()

@@ -129,9 +129,15 @@ class _VocabParallelEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, lse, entropy = ctx.saved_tensors
-        log_p = upcast(logits) - lse.unsqueeze(-1)
-        g = -log_p.exp() * (torch.nan_to_num(log_p, neginf=0.0) + entropy.unsqueeze(-1)) * grad.unsqueeze(-1)
-        return g.to(logits.dtype), None
+        out = torch.empty_like(logits)  # the only [N, V/mp] buffer: the rest is row-chunk sized
+        x, o = logits.reshape(-1, logits.shape[-1]), out.view(-1, logits.shape[-1])
+        lse, entropy, grad = lse.reshape(-1, 1), entropy.reshape(-1, 1), grad.reshape(-1, 1)
+        for c in _row_chunks(*x.shape, device=x.device):
+            log_p = upcast(x[c]) - lse[c]
+            p = log_p.exp()
+            log_p.nan_to_num_(neginf=0.0).add_(entropy[c])
+            o[c] = p.mul_(log_p).mul_(grad[c]).neg_()
+        return out, None
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, group, differentiable: bool = False) -> torch.Tensor:

@@ -24,8 +24,9 @@ from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_entropy, vocab
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
 from ..sampling import SamplingParams
+from .evaluation import HeldOutEval, due
 from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
-from .rewards import build_rewards, score
+from ..rewards import build_rewards, reward_sample, score, total
 from .setup import TrainingRun
 from .sp_rollouts import generate_rollouts
 
@@ -231,10 +232,8 @@ def fill_logprobs(model, rollouts: list[Rollout], ps, attr: str, temperature: fl
 def score_rollouts(rollouts: list[Rollout], rewards, tok) -> None:
     for r in rollouts:
         r.text = tok.decode(r.completion_ids, skip_special_tokens=True)
-        sample = {**r.prompt.sample, "completion_tokens": len(r.completion_ids), "completion_ids": r.completion_ids,
-                  "truncated": r.truncated}
-        r.rewards = score(rewards, r.text, sample)
-        r.reward = sum(w * v for (_, _, w), v in zip(rewards, r.rewards))
+        r.rewards = score(rewards, r.text, reward_sample(r.prompt.sample, r.completion_ids, r.truncated))
+        r.reward = total(rewards, r.rewards)
 
 
 def dp_sum(ps):
@@ -286,6 +285,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     prompts, cut = load_prompts(args.train_file, tok, args.use_chat_template, args.system_prompt, max_prompt_len,
                                 any(name == "accuracy" for name, _, _ in rewards))
     log(f"{args.train_file}: {len(prompts)} prompts ({cut} cut from the left to {max_prompt_len} tokens)", ps)
+    evaluator = HeldOutEval(args, tok, rewards, ps, max_prompt_len) if args.eval_file else None
     group = args.num_samples_per_prompt
     prompts_per_step = args.max_batch_size * ps.dp_size
     steps_per_epoch = math.ceil(len(prompts) / prompts_per_step)
@@ -308,6 +308,8 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     def save(step):
         return run.save(step, {"total_steps": total_steps, "skipped_steps": skipped_total})
 
+    if evaluator is not None and start_step == 0:
+        run.metrics.write({"step": 0, **evaluator(model, 0, compute_dtype)})
     t_start, path = time.time(), None
     for step in range(start_step, last_step):
         t0 = time.time()
@@ -392,6 +394,8 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
             record[f"reward/{name}"] = value / n
         skipped_total += skipped_steps
         record.update(skipped=skipped_steps, skipped_steps=skipped_total)
+        if evaluator is not None and due(step + 1, args.eval_steps, last_step):
+            record.update(evaluator(model, step + 1, compute_dtype))
         run.metrics.write(record)
         if ps.rank == 0:
             eta = (time.time() - t_start) / (step + 1 - start_step) * (last_step - step - 1)

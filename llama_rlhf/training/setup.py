@@ -23,7 +23,7 @@ from .checkpointing import (SAVE_DTYPES, check_save_dir, export_config_source, l
 from .distributed_optimizer import DistributedAdamW
 from .lora_run import LoRARequest, export_lora, load_lora_model, lora_request
 from .loss_scale import DynamicLossScaler
-from .metrics import MetricsLog, local_memory_mb
+from .metrics import MetricsLog, local_memory_mb, parse_report_to
 from .preemption import StopRequests, stop_message
 from .lr_schedule import lr_at
 
@@ -77,10 +77,12 @@ class TrainingRun:
     lora: LoRARequest | None = None  # adapters on a frozen base (training/lora_run.py); None: full fine-tuning
     stop: StopRequests = field(default_factory=StopRequests)
     last_saved: tuple = (None, None)  # (step, path) of the newest checkpoint this run wrote
+    report_to: tuple = ("jsonl",)
 
     @classmethod
     def prepare(cls, args, ps, compute_dtype: torch.dtype) -> "TrainingRun":
         """Everything that can fail on a user's input before a model is loaded."""
+        report_to = parse_report_to(getattr(args, "report_to", None))
         model_type = resolve_model_type(args, ps)
         tokenizer_dir = tokenizer_source(args.tokenizer_file, args.ckpt_dir)
         if not tokenizer_dir:
@@ -92,7 +94,7 @@ class TrainingRun:
         if args.resume and resume_from is None:
             log(f"--resume: no checkpoint in {args.save_dir} yet, starting a new run", ps)
         run = cls(args, ps, compute_dtype, model_type, tok, tokenizer_dir, resume_from, args.log_dir or args.save_dir,
-                  lora=lora)
+                  lora=lora, report_to=report_to)
         run.stop.install()
         return run
 
@@ -131,7 +133,8 @@ class TrainingRun:
             log(f"resumed from {self.resume_from} at step {self.start_step}", ps)
         if ps.rank == 0:
             os.makedirs(args.save_dir, exist_ok=True)
-        self.metrics = MetricsLog(self.log_dir, ps, memory_before_model)
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        self.metrics = MetricsLog(self.log_dir, ps, memory_before_model, self.report_to, config)
         self.metrics.drop_after(self.start_step)
         return model
 

@@ -12,6 +12,7 @@ from ..parallel.comm import all_reduce
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..runtime import UsageError, autocast, log
 from .distributed_optimizer import DistributedAdamW
+from .evaluation import SampleTracker, due
 from .setup import TrainingRun
 
 
@@ -92,6 +93,7 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
     data = build_train_data(args, tok, ps)
     schedule, eval_schedule = data.schedule, data.eval_schedule
     total_steps = args.epochs * schedule.steps_per_epoch
+    tracker = SampleTracker(args, tok, ps) if args.sample_prompts_file else None
 
     model = run.load_model()
     optimizer = run.optimizer
@@ -108,6 +110,8 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
                                "step_in_epoch": step % schedule.steps_per_epoch,
                                "global_batch": schedule.global_batch, "total_steps": total_steps})
 
+    if tracker is not None and start_step == 0:
+        run.metrics.write({"step": 0, **tracker(model, 0, compute_dtype)})
     t0, tokens_done, skipped_total, path = time.time(), 0, 0, None
     for step in range(start_step, last_step):
         epoch, in_epoch = divmod(step, schedule.steps_per_epoch)
@@ -126,6 +130,8 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
                 f"update skipped ({skipped_total} so far)", ps)
         if eval_schedule is not None and args.eval_steps and (step + 1) % args.eval_steps == 0:
             record["eval_loss"] = evaluate(model, eval_schedule, ps, compute_dtype, tok.pad_id, args.packing)
+        if tracker is not None and due(step + 1, args.sample_steps, last_step):
+            record.update(tracker(model, step + 1, compute_dtype))
         run.metrics.write(record)
         if ps.rank == 0 and ((step + 1) % args.log_steps == 0 or step + 1 == last_step):
             eta = elapsed / (step + 1 - start_step) * (last_step - step - 1)

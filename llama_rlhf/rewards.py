@@ -1,4 +1,4 @@
-"""Rule rewards for GRPO, and loading a user's own reward function.
+"""Rule rewards (GRPO training and solver_generate scoring), and loading a user's own reward function.
 
 Every reward function has the signature
 
@@ -16,6 +16,9 @@ format    1.0 if the completion is exactly ``<think>...</think>`` then ``<answer
           around them allowed, one of each tag, answer not empty), else 0.0.
 length    1.0 inside [length_min, length_max] completion tokens, falling linearly to 0.0 at half the minimum
           and at twice the maximum.
+
+A function may name the fields it needs in the input lines (``fn.required_fields = ("answer",)``, as accuracy
+does): a data file lacking one is refused before any model is loaded (``check_required_fields``).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import os
 import re
 from typing import Callable
 
-from ..runtime import UsageError
+from .jsonl import DataError
+from .runtime import UsageError
 
 RewardFn = Callable[[str, dict], float]
 
@@ -74,10 +78,14 @@ def as_number(text: str) -> float | None:
         return None
 
 
+def numbers_match(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
 def answers_match(predicted: str, expected: str) -> bool:
     a, b = as_number(predicted), as_number(expected)
     if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+        return numbers_match(a, b)
     norm = lambda s: s.strip().strip("$").rstrip(".").strip().lower()  # noqa: E731
     return norm(predicted) == norm(expected)
 
@@ -85,6 +93,9 @@ def answers_match(predicted: str, expected: str) -> bool:
 def accuracy_reward(completion: str, sample: dict) -> float:
     predicted = extract_answer(completion)
     return 1.0 if predicted is not None and answers_match(predicted, str(sample["answer"])) else 0.0
+
+
+accuracy_reward.required_fields = ("answer",)
 
 
 def format_reward(completion: str, sample: dict) -> float:
@@ -159,3 +170,25 @@ def score(rewards, completion: str, sample: dict) -> list[float]:
             raise UsageError(f"reward {name!r} returned {value} (rewards must be finite numbers)")
         values.append(value)
     return values
+
+
+def reward_sample(obj: dict, completion_ids: list[int], truncated: bool) -> dict:
+    """The ``sample`` a reward function sees: the input line plus the completion's token facts."""
+    return {**obj, "completion_tokens": len(completion_ids), "completion_ids": completion_ids, "truncated": truncated}
+
+
+def total(rewards, values: list[float]) -> float:
+    """The weighted sum of one completion's reward values."""
+    return sum(w * v for (_, _, w), v in zip(rewards, values))
+
+
+def check_required_fields(rewards, records) -> None:
+    """Every record (``(where, object)`` pairs, as data.readers.read_records gives them) holds the fields the
+    reward functions need (``fn.required_fields``), else a DataError naming the place, field and reward."""
+    needs = [(name, f) for name, fn, _ in rewards for f in getattr(fn, "required_fields", ())]
+    if not needs:
+        return
+    for where, obj in records:
+        for name, f in needs:
+            if f not in obj:
+                raise DataError(f"{where}: the {name} reward needs the field {f!r} in every line")
