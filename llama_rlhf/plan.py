@@ -10,17 +10,19 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
   under 16-bit autocast, a 16-bit copy of every matmul weight (autocast's cache, held through backward).
   Stage 1: parameters in the compute dtype (fp32 with --dtype float32) in flat buckets padded to a multiple of
   N = DP x SP, fp32 gradient buckets, and 1/N of the fp32 masters (16-bit parameters only) and moments.
-  LoRA: the frozen base in the compute dtype, only the fp32 adapters in the optimizer and the gradient buckets.
+  LoRA: the frozen base in the compute dtype (--quantize_base: its decoder linears in int8 / nf4, and each matmul
+  keeps its dequantized weight for backward), only the fp32 adapters in the optimizer and the gradient buckets.
 - Activations, per layer and token (T = rows x max_seq_len / SP): what autograd saves (two RMSNorms and their
   matmul inputs, q/k/v after RoPE, attention output and its reshaped copy, the log-sum-exp, four MLP tensors);
   with --activation_checkpointing each layer keeps only its input and one layer is recomputed in backward.
-- Logits: the LM head runs on trained positions only; cross-entropy keeps the [N, V/MP] logits, works in fp32
-  chunks of 2^22 elements, and writes the gradient over the logits; then the LM head's weight gradient.
+- Logits: the LM head runs on trained positions only; cross-entropy keeps the [N, V/MP] logits and writes the
+  gradient over them; then the LM head's weight gradient.
 - GRPO: the frozen reference (--beta > 0, no LoRA) in the compute dtype, the rollouts' KV cache (rows x
   (max_seq_len + max(32, max_seq_len / 4)) slots, as solver_grpo allocates it), the fp32 logits and the entropy
-  temporaries of the update (all completion positions of a micro-batch, at most max_new_tokens each).
+  temporaries of one row chunk of the update (1 GiB of fp32 logits; chunks are recomputed in backward).
 - Setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves the parameters bucket by
   bucket into their new buffers, so the loaded fp32 copy of one bucket is all it holds beyond the training state.
+  A 16-bit model (the LoRA base, the GRPO reference) is built in fp32 and cast tensor by tensor.
 On the CPU (--device cpu) gloo's collectives add their copies of the buckets in flight.
 The peak is the largest of these phases, plus --overhead_gb (CUDA context, communication buffers, allocator
 slack: what no tensor accounts for). An impossible layout is the solvers' own error (parallel/layout.py).
@@ -42,9 +44,10 @@ GB = 1e9  # GPU memory is sold in GB; the tables say so
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 ZERO_STAGES = (0, 1)  # training/distributed_optimizer.py (imports torch; kept equal by tests/test_plan.py)
 BUCKET_ELEMS = 32 * 2**20 // 4  # DistributedAdamW's default bucket (32 MB of fp32)
-CE_CHUNK_BYTES = 2**22 * 4  # cross_entropy._row_chunks: 2^22 fp32 elements
 PREFILL_TOKENS = 16384  # generation.PREFILL_TOKENS
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GRPO_LOGIT_CHUNK_BYTES = 2**30  # training/grpo.py LOGIT_CHUNK_BYTES: fp32 logits of one row chunk
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # models/lora.py
+QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}  # per base parameter (models/quant.py; int8 adds 4 bytes per row)
 
 
 class PlanError(ValueError):
@@ -144,6 +147,15 @@ def layer_activation_bytes(cfg: ModelConfig, mp: int, c: int) -> float:
     return out
 
 
+def lora_activation_bytes(cfg: ModelConfig, mp: int, job, c: int) -> float:
+    """Per token and layer: each adapter keeps A x (r values) for B; dropout keeps its output and its mask."""
+    out = 0.0
+    for name, (i, _, _) in linear_shapes(cfg, mp).items():
+        if name in job.lora_target_modules:
+            out += job.lora_rank * c + (i * (c + 1) if job.lora_dropout > 0 else 0)
+    return out
+
+
 def _softcap_bytes(cfg: ModelConfig, mp: int, seq_local: int, c: int) -> float:
     """Soft-capped attention (Gemma 2) materialises fp32 scores: per token and head, keys x (tanh + softmax + probs)."""
     if cfg.attn_logit_softcap is None:
@@ -168,6 +180,8 @@ class Job:
     train_batch_size: int = 0
     lora_rank: int = 0
     lora_target_modules: tuple = LORA_TARGETS
+    lora_dropout: float = 0.0
+    quantize_base: str | None = None  # "int8" | "nf4": the decoder linears of the frozen base (models/quant.py)
 
 
 def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0,
@@ -182,12 +196,16 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
     counts = parameter_counts(cfg, mp)
     notes = []
     lora = job.lora_rank > 0
+    decoder = counts["matmul"] - (0 if counts["tied"] else counts["embedding"])  # the layers' linears
     if lora:
         trainable = lora_count(cfg, mp, job.lora_rank, job.lora_target_modules)
-        frozen = counts["total"] * c
-        held = 4  # adapters stay fp32 (issue 14)
+        frozen = counts["total"] * c  # the base in the compute dtype (fp32 with --dtype float32)
+        if job.quantize_base:
+            rows = sum(o for _, o, _ in linear_shapes(cfg, mp).values()) * cfg.num_layers
+            frozen += decoder * (QUANT_BYTES[job.quantize_base] - c) + 4 * rows * (job.quantize_base == "int8")
+        held = 4  # the adapters stay fp32 (training/setup.py)
         casts = 0
-        residual = c  # the bf16 base's embedding output
+        residual = c  # the 16-bit base's embedding output
     else:
         trainable, frozen = counts["total"], 0
         held = c if stage == 1 and c == 2 else 4  # training/setup.py parameter_dtype
@@ -211,6 +229,8 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
         trained_per_row = min(job.max_new_tokens, job.max_seq_len) / layout.sp
     tokens, trained = rows * seq_local, rows * trained_per_row
     per_layer = layer_activation_bytes(cfg, mp, c) + _softcap_bytes(cfg, mp, seq_local, c)
+    if lora:
+        per_layer += lora_activation_bytes(cfg, mp, job, c)
     if layout.activation_checkpointing:
         activations = tokens * (cfg.num_layers * residual * cfg.hidden_size + per_layer)
     else:
@@ -218,10 +238,14 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
     activations += tokens * 8 * cfg.hidden_size + trained * c * cfg.hidden_size  # final norm, LM-head input
     vocab_local, h = counts["vocab_local"], cfg.hidden_size
     head_grad = vocab_local * h * c * (not lora)  # the LM head's weight gradient (frozen with LoRA)
-    if job.job == "sft":  # logits kept in c bytes; then cross-entropy's fp32 chunk or the LM head's weight gradient
-        logits = trained * vocab_local * c + max(CE_CHUNK_BYTES if c != 4 else 0, head_grad)
-    else:  # fp32 logits / temperature (c-byte original alive meanwhile), then 4 fp32 entropy temporaries
-        logits = trained * vocab_local * max(c + 8, 4 * 5) + head_grad
+    if job.job == "sft":  # logits kept in c bytes, then the LM head's weight gradient (cross-entropy's fp32 chunks
+        logits = trained * vocab_local * c + head_grad  # of 2^22 elements were never at the peak in measurements)
+    else:  # one row chunk at a time (recomputed in backward): fp32 logits / T beside the c-byte ones, 4 fp32
+        chunk = min(trained, max(1, GRPO_LOGIT_CHUNK_BYTES // (4 * vocab_local)))  # entropy temporaries
+        logits = chunk * vocab_local * max(c + 8, 4 * 5) + head_grad
+    if lora and job.quantize_base:  # each matmul keeps its dequantized weight for backward
+        per_layer_weights = decoder / cfg.num_layers * c
+        activations += per_layer_weights * (1 if layout.activation_checkpointing else cfg.num_layers)
     parts["activations"] = activations
     parts["logits"] = logits
     phases = {"train step": persistent + activations + logits}
@@ -232,22 +256,22 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
 
     # setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves them bucket by bucket
     # into the new buffers (grad_buckets.flatten_parameters), so one bucket's fp32 original is the excess
-    biggest_bucket = min(trainable, BUCKET_ELEMS + max(counts["embedding"], max(
-        i * o for i, o, _ in linear_shapes(cfg, mp).values())))
+    max_tensor = max(counts["embedding"], max(i * o for i, o, _ in linear_shapes(cfg, mp).values()))
+    biggest_bucket = min(trainable, BUCKET_ELEMS + max_tensor)
     masters = 4 / n if held == 2 else 0
     if stage == 0:
         setup = trainable * 8
     else:
         setup = flat * (held + 4 + masters) + 4 * biggest_bucket
-    if lora:  # the base loads in fp32 and is cast to the compute dtype
-        setup += frozen + (counts["total"] * 4 if c == 2 else 0)
+    if lora:  # the base is built in fp32 and cast to the compute dtype one tensor at a time (then quantized)
+        setup += counts["total"] * 4 + (c * max_tensor if c != 4 else 0)
     phases["setup"] = setup
 
     if job.job == "grpo":
         reference = counts["total"] * c if job.beta > 0 and not lora else 0
         parts["reference"] = reference
         if reference:
-            phases["setup"] = max(setup, persistent - parts["optimizer"] + counts["total"] * (4 + c))
+            phases["setup"] = max(setup, persistent - parts["optimizer"] + counts["total"] * 4 + c * max_tensor)
             phases["train step"] += reference
         kv_heads = linear_shapes(cfg, mp)["k_proj"][1] // cfg.head_dim
         decode_rows = job.rollout_batch_size or job.max_batch_size * job.num_samples_per_prompt
@@ -382,6 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=0, help="GRPO: sequences per forward/backward (0: all)")
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora_target_modules", default="all-linear")
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument("--quantize_base", default=None, choices=("none", "int8", "nf4"), help="QLoRA: the frozen base")
     p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of one GPU (GB)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: count gloo's copies of the gradient buckets in flight (NCCL works in place)")
@@ -405,9 +431,12 @@ def _job(args) -> Job:
     if unknown:
         raise PlanError(f"--lora_target_modules: unknown {', '.join(unknown)} (valid: all-linear or "
                         f"{','.join(LORA_TARGETS)})")
+    quantize = None if args.quantize_base in (None, "none") else args.quantize_base
+    if quantize and args.lora_rank < 1:
+        raise PlanError(f"--quantize_base {quantize} quantizes a frozen base: it needs --lora_rank")
     return Job(args.job, args.dtype, args.max_seq_len, args.max_batch_size, args.num_samples_per_prompt,
                args.max_new_tokens, args.beta, args.rollout_batch_size, args.train_batch_size, args.lora_rank,
-               targets)
+               targets, args.lora_dropout, quantize)
 
 
 def main(argv=None) -> int:

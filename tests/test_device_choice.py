@@ -92,7 +92,7 @@ def test_one_rank_groups_get_no_nccl_communicator(monkeypatch):
     made = []
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(dist, "new_group", lambda ranks, backend=None: made.append((tuple(ranks), backend)) or
+    monkeypatch.setattr(dist, "new_group", lambda ranks, backend=None, **_: made.append((tuple(ranks), backend)) or
                         object())
     ParallelState.build(mp=2, sp=2)  # DP = 1: the DP groups have one rank each
     assert {b for r, b in made if len(r) == 1} == {"gloo"} and len([r for r, _ in made if len(r) == 1]) == 4

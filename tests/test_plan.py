@@ -7,7 +7,8 @@ gradient, master and moment storage) plus the peak of the tensor allocations the
 construction (with the model's fp32 parameters before it) is profiled the same way against the planner's setup
 phase. The CPU's resident set is not the reference: it adds BLAS packing buffers and freed heap kept for reuse.
 Three configurations: a tiny Llama at (MP=2, DP=1) stage 0 fp32; SmolLM2-135M's architecture at (MP=1, DP=2)
-stage 1 bf16; the tiny Llama at (MP=1, DP=2) stage 0 bf16 with activation checkpointing. Each within 15%.
+stage 1 bf16; the tiny Llama at (MP=1, DP=2) stage 0 bf16 with activation checkpointing; and LoRA (r=8, all linears,
+bf16 base) on the tiny Llama at (MP=1, DP=2) stage 1. Each within 15%.
 Also: the command (JSON, about a second, no torch), --search, the README tables, bad input (one line, non-zero),
 and the CPU peak metric (VmHWM, not the ru_maxrss a worker inherits from its launcher).
 """
@@ -36,7 +37,9 @@ CASES = [  # name, config, MP, stage, dtype, seq, rows, activation checkpointing
     ("tiny_mp2_stage0_fp32", TINY, 2, 0, "float32", 512, 2, False),
     ("smollm2_dp2_stage1_bf16", SMOLLM2, 1, 1, "bfloat16", 128, 1, False),
     ("tiny_dp2_stage0_bf16_ckpt", TINY, 1, 0, "bfloat16", 512, 2, True),
+    ("tiny_lora_dp2_stage1_bf16", TINY, 1, 1, "bfloat16", 512, 2, False),  # LoRA r=8 on all linears, bf16 base
 ]
+LORA_RANK = 8
 
 
 def profiled_peak(step) -> tuple[float, float]:
@@ -54,6 +57,7 @@ def profiled_peak(step) -> tuple[float, float]:
 
 def check_case(out_dir, case):
     from llama_rlhf.data import Row
+    from llama_rlhf.models.lora import LoRASpec, apply_lora, freeze_base
     from llama_rlhf.models.pretrained import build_model
     from llama_rlhf.training.distributed_optimizer import DistributedAdamW
     from llama_rlhf.training.setup import parameter_dtype
@@ -65,13 +69,18 @@ def check_case(out_dir, case):
     t0 = time.time()
     built = []
 
+    lora = "lora" in name
+
     def setup():  # the model's fp32 parameters, then the optimizer over them (profiled together: frees of
-        model = build_model(cfg, ps)  # storages made before the profiler starts would go unseen)
+        model = build_model(cfg, ps, dtype if lora else torch.float32)  # storages made earlier go unseen)
         with torch.no_grad():  # any finite values take the same memory (init_weights draws full tensors: slow)
             for p in model.parameters():
                 p.fill_(0.02)
-        built.extend([model, DistributedAdamW(model, ps, stage=stage, lr=1e-4,
-                                              param_dtype=parameter_dtype(stage, dtype))])
+        if lora:  # as training/lora_run.py: adapters (fp32) on the frozen 16-bit base
+            apply_lora(model, LoRASpec(LORA_RANK, 16.0), seed=1)
+            freeze_base(model, dtype)
+        built.extend([model, DistributedAdamW(model, ps, stage=stage, lr=1e-4, param_dtype=torch.float32 if lora
+                                              else parameter_dtype(stage, dtype))])
 
     setup_measured, _ = profiled_peak(setup)
     model, opt = built
@@ -91,7 +100,8 @@ def check_case(out_dir, case):
     added, left = profiled_peak(step)
     measured = held + added
     layout = planner.make_layout(cfg, ps.world_size, mp, 1, stage, ckpt)
-    p = planner.plan(cfg, layout, planner.Job("sft", dtype_name, seq, rows), overhead_gb=0.0, device="cpu")
+    job = planner.Job("sft", dtype_name, seq, rows, lora_rank=LORA_RANK if lora else 0)
+    p = planner.plan(cfg, layout, job, overhead_gb=0.0, device="cpu")
     planned = max(p.phases["train step"], p.phases.get("optimizer step", 0))
     error = planned / measured - 1
     setup_planned = p.phases["setup"]
@@ -123,7 +133,11 @@ def tiny_dp2_stage0_bf16_ckpt(out_dir):
     check_case(out_dir, CASES[2])
 
 
-CHECKS = [tiny_mp2_stage0_fp32, smollm2_dp2_stage1_bf16, tiny_dp2_stage0_bf16_ckpt]
+def tiny_lora_dp2_stage1_bf16(out_dir):
+    check_case(out_dir, CASES[3])
+
+
+CHECKS = [tiny_mp2_stage0_fp32, smollm2_dp2_stage1_bf16, tiny_dp2_stage0_bf16_ckpt, tiny_lora_dp2_stage1_bf16]
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +197,12 @@ def test_parameter_count_matches_the_model():
         assert planner.parameter_counts(cfg, 1)["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_zero_stages_agree_with_the_optimizer():
+def test_constants_agree_with_the_code():
+    from llama_rlhf.generation import PREFILL_TOKENS
     from llama_rlhf.training.distributed_optimizer import ZERO_STAGES
-    assert planner.ZERO_STAGES == ZERO_STAGES
+    from llama_rlhf.training.grpo import LOGIT_CHUNK_BYTES
+    assert planner.ZERO_STAGES == ZERO_STAGES and planner.PREFILL_TOKENS == PREFILL_TOKENS
+    assert planner.GRPO_LOGIT_CHUNK_BYTES == LOGIT_CHUNK_BYTES
 
 
 def test_search_lists_fitting_layouts_best_first():

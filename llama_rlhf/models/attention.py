@@ -8,9 +8,30 @@ import torch
 import torch.nn.functional as F
 
 try:  # optional: only used on CUDA when installed
-    from flash_attn import flash_attn_func  # type: ignore
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore
 except Exception:  # noqa: BLE001 - any import failure just means "not available"
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+
+
+def on_cuda(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
+def flash_ok(q: torch.Tensor) -> bool:
+    """flash-attn can take q: installed, on CUDA, 16-bit."""
+    return flash_attn_func is not None and on_cuda(q) and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def varlen_plan(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Packed rows [B, S] -> (cu_seqlens int32 [docs + 1] over the B*S flattened tokens, longest document).
+    A document starts at every row start and wherever the segment id changes (padding, id -1, is one more).
+    Made once per forward (one host sync for the longest), shared by every layer."""
+    b, s = segment_ids.shape
+    starts = torch.ones(b, s, dtype=torch.bool, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = starts.flatten().nonzero().squeeze(-1)
+    cu = torch.cat([first, first.new_tensor([b * s])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def build_mask(q_len: int, k_len: int, q_start: int, device, segment_ids=None, key_valid=None,
@@ -66,25 +87,31 @@ def decode_attention(q, k, v, scale: float, mask) -> torch.Tensor:
 
 
 def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
-              window: int | None = None, window_only: bool = False) -> torch.Tensor:
+              window: int | None = None, window_only: bool = False, varlen=None) -> torch.Tensor:
     """Attention of q [B, Sq, Hq, D] over k/v [B, Sk, Hkv, D] (GQA) -> [B, Sq, Hq, D].
 
     ``mask`` comes from ``build_mask`` (None: causal); ``window_only``: the mask is causal + ``window`` and nothing
     else (no packing, padding or cache), which flash-attn takes as its window argument instead. flash-attn on
     CUDA when installed and the mask allows, otherwise PyTorch SDPA; the explicit kernel only when scores must be
-    soft-capped. On CUDA a masked SDPA gets repeated KV heads: SDPA's GQA with a mask falls back to the math
-    kernel (fp32 [B, H, S, S] scores), the repeat keeps the memory-efficient one.
+    soft-capped. ``varlen`` (``varlen_plan`` of packed segments, no cache or padding mask): flash-attn's varlen
+    kernel over the documents instead of a dense mask. On CUDA a masked SDPA gets repeated KV heads: SDPA's GQA
+    with a mask falls back to the math kernel (fp32 [B, H, S, S] scores), the repeat keeps the efficient one.
     """
     n_rep = q.shape[2] // k.shape[2]
-    if (flash_attn_func is not None and q.is_cuda and (mask is None or (window_only and window))
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] == k.shape[1]):
+    if varlen is not None and flash_attn_varlen_func is not None and flash_ok(q) and q.shape[1] == k.shape[1]:
+        (b, s, h, d), (cu, longest) = q.shape, varlen
+        out = flash_attn_varlen_func(q.reshape(b * s, h, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d),
+                                     cu, cu, longest, longest, softmax_scale=scale, causal=True,
+                                     window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
+        return out.view(b, s, h, d)
+    if flash_ok(q) and (mask is None or (window_only and window)) and q.shape[1] == k.shape[1]:
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
                                window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
     if q.shape[1] == 1 and mask is not None and softcap is None and n_rep > 1:
         return decode_attention(q, k, v, scale, mask)
     if softcap is not None:
         return softcapped_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, scale, softcap)
-    if q.is_cuda and mask is not None and n_rep > 1:
+    if on_cuda(q) and mask is not None and n_rep > 1:
         k, v, n_rep = repeat_kv(k, n_rep), repeat_kv(v, n_rep), 1
     # KV heads are shared by their query group inside SDPA (no repeated copy of K and V)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -19,7 +19,8 @@ from ..parallel.comm import copy_to_group
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, padded_vocab_size,
                                replicated)
 from ..parallel.state import ParallelState
-from .attention import attention, build_mask
+from . import attention as attention_module
+from .attention import attention, build_mask, varlen_plan
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -36,6 +37,7 @@ class ForwardContext:
     sp_group: object = None  # sequence-parallel ring (None: whole sequences on this rank)
     masks: dict | None = None  # built once per forward, keyed by window
     window_only: bool = False  # the masks are causal + sliding window alone (flash-attn takes the window)
+    varlen: tuple | None = None  # packed documents for flash-attn's varlen kernel (attention.varlen_plan)
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +95,7 @@ class Attention(nn.Module):
             if ctx.kv_cache is not None:
                 k, v = ctx.kv_cache.update(self.layer, k, v)  # [B, Sk, Hkv_local, D]
             out = attention(q, k, v, self.scale, ctx.masks.get(self.window), self.softcap, self.window,
-                            ctx.window_only)
+                            ctx.window_only, ctx.varlen)
         return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, H/mp*D] -> [B, S, hidden]
 
 
@@ -191,6 +193,9 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary(position_ids)
         ctx = ForwardContext(cos, sin, segment_ids, key_valid, kv_cache, sp_group, masks={},
                              window_only=segment_ids is None and key_valid is None and kv_cache is None)
+        if (sp_group is None and segment_ids is not None and key_valid is None and kv_cache is None
+                and attention_module.flash_attn_varlen_func is not None and attention_module.on_cuda(input_ids)):
+            ctx.varlen = varlen_plan(segment_ids)  # once per forward, for every layer
         if sp_group is None:
             k_len = q_start + s
             for window in {self.cfg.layer_window(i) for i in range(self.cfg.num_layers)}:
