@@ -39,7 +39,9 @@ def settings(quick: bool) -> list[dict]:
             "max_grad_norm": 1.0, "max_seq_len": 256, "dtype": "float32"}
     if quick:
         return [dict(base, prompts=2, group=4, new_tokens=24, steps=3, beta=0.0)]
-    return [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=beta) for beta in (0.0, 0.04)]
+    full = [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=beta) for beta in (0.0, 0.04)]
+    # LoRA r=16 on every linear, the KL reference = the adapters-off model on both sides (TRL with a peft_config)
+    return full + [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=0.04, lr=1e-4, lora_rank=16)]
 
 
 def _free_port() -> int:
@@ -77,6 +79,9 @@ def run_ours(model_dir: str, prompts: str, work: str, cfg: dict) -> dict:
            "--lr", str(cfg["lr"]), "--beta", str(cfg["beta"]), "--loss_type", cfg["loss_type"],
            "--epsilon", str(cfg["epsilon"]), "--max_grad_norm", str(cfg["max_grad_norm"]), "--dtype", cfg["dtype"],
            "--max_steps", str(cfg["steps"] + 1), "--seed", str(SEED), "--log_completions_steps", "0"]
+    if cfg.get("lora_rank"):
+        cmd += ["--lora_rank", str(cfg["lora_rank"]), "--lora_alpha", str(2 * cfg["lora_rank"]),
+                "--lora_target_modules", "all-linear"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -87,7 +92,8 @@ def run_ours(model_dir: str, prompts: str, work: str, cfg: dict) -> dict:
     timed = records[1:]  # the first step is warm-up
     return {"step_s": [r["step_s"] for r in timed], "rollout_s": [r["rollout_s"] for r in timed],
             "completion_len": [r["completion_len_mean"] for r in timed],
-            "reward_mean": [r["reward_mean"] for r in timed], "process_wall_s": wall}
+            "reward_mean": [r["reward_mean"] for r in timed], "process_wall_s": wall,
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in records)}
 
 
 def run_trl(model_dir: str, prompts: str, work: str, cfg: dict) -> dict:
@@ -142,8 +148,13 @@ def trl_worker(spec: dict) -> None:
         fp16=False, gradient_checkpointing=False, use_vllm=False, max_steps=spec["steps"] + 1, logging_steps=1,
         save_strategy="no", report_to="none", shuffle_dataset=False, seed=SEED, dataloader_num_workers=0,
         model_init_kwargs={"dtype": torch.float32}, log_completions=False, disable_tqdm=True)
+    peft_config = None
+    if spec.get("lora_rank"):
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"], lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=accuracy, args=config, train_dataset=dataset,
-                          callbacks=[StepTimer()])
+                          callbacks=[StepTimer()], peft_config=peft_config)
     generate = trainer._generate
 
     def timed_generate(prompts):
@@ -159,7 +170,17 @@ def trl_worker(spec: dict) -> None:
         raise RuntimeError(f"TRL ran {len(steps)} steps, expected {spec['steps'] + 1}")
     with open(spec["out"], "w", encoding="utf-8") as f:
         json.dump({"step_s": steps[1:], "rollout_s": rollouts[1:], "completion_len": lengths[1:],
-                   "threads": torch.get_num_threads(), "optimizer": str(config.optim)}, f)
+                   "threads": torch.get_num_threads(), "optimizer": str(config.optim),
+                   "peak_memory_mb": peak_rss_mb()}, f)
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water mark (ru_maxrss would include the parent's across fork + exec)."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def check_same_prompts(model_dir: str, prompts: str) -> bool:
@@ -190,7 +211,8 @@ def measure(model_dir: str, cfg: dict) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     row = {"benchmark": "grpo_step", "model": "SmolLM2-135M-Instruct", "dtype": cfg["dtype"], "mp": 1,
            **{k: cfg[k] for k in ("prompts", "group", "new_tokens", "steps", "beta", "loss_type", "temperature",
-                                  "top_p", "top_k", "lr")},
+                                  "top_p", "top_k", "lr")}, "lora_rank": cfg.get("lora_rank", 0),
+           "llama_rlhf_peak_memory_mb": ours["peak_memory_mb"], "trl_peak_memory_mb": trl["peak_memory_mb"],
            "sequences_per_step": cfg["prompts"] * cfg["group"], "same_prompt_ids": same,
            "llama_rlhf_step_s": _stats(ours["step_s"]), "trl_step_s": _stats(trl["step_s"]),
            "llama_rlhf_rollout_s": _stats(ours["rollout_s"]), "trl_rollout_s": _stats(trl["rollout_s"]),

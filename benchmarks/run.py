@@ -298,7 +298,7 @@ def summarize_grpo_step(rows):
     out = []
     for r in rows:
         config = (f"GRPO {r['prompts']} prompts x {r['group']}, {r['new_tokens']} new tokens, beta {r['beta']}, "
-                  f"{r['dtype']}")
+                  f"{r['dtype']}" + (f", LoRA r={r['lora_rank']}" if r.get("lora_rank") else ""))
         out.append(line("grpo_step", config, "step s", r["llama_rlhf_step_s"], r["trl_step_s"], "TRL GRPOTrainer",
                         r["speedup_vs_trl"], "faster", 2))
         out.append(line("grpo_step", config, "rollout s", r["llama_rlhf_rollout_s"], r["trl_rollout_s"],
@@ -306,6 +306,10 @@ def summarize_grpo_step(rows):
                         r["trl_rollout_s"]["median"] / r["llama_rlhf_rollout_s"]["median"], "faster", 2))
         out.append(line("grpo_step", config, "completion tokens (mean)", r["llama_rlhf_completion_len"],
                         r["trl_completion_len"], "TRL GRPOTrainer"))
+        if "trl_peak_memory_mb" in r:
+            out.append(line("grpo_step", config, "peak RSS MB/rank", r["llama_rlhf_peak_memory_mb"],
+                            r["trl_peak_memory_mb"], "TRL GRPOTrainer",
+                            r["llama_rlhf_peak_memory_mb"] / r["trl_peak_memory_mb"], "memory", 0))
     return out
 
 
