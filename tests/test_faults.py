@@ -275,7 +275,7 @@ def test_full_disk_and_failed_writes_leave_earlier_checkpoints_intact(tiny_model
     code, _, err = finish(proc)
     assert code != 0
     for rank in (0, 1):
-        line = next(line for line in err.splitlines() if line.startswith(f"[rank {rank}] error: could not write "))
+        line = next((line for line in err.splitlines() if line.startswith(f"[rank {rank}] error: could not write ")), err[-3000:])
         assert "/.checkpoint-4.tmp/" in line and " bytes): " in line and "File too large" in line, line
         assert "checkpoint-4 not saved (removed" in line and "earlier checkpoints are intact" in line, line
     assert "Traceback" not in err.split("[rank")[1]
