@@ -26,7 +26,7 @@ if [ "$dev" = 1 ]; then
   fi
   python3 -m pip install --quiet "mpi4py>=3.1"
 else
-  python3 -m pip install --quiet transformers gguf accelerate   # only to convert the demo model's GGUF file
+  python3 -m pip install --quiet transformers gguf accelerate matplotlib   # the demo model's GGUF conversion, the demos' plots
 fi
 python3 -m pip install --quiet --no-deps -e .
 python3 tools/fetch_smollm2.py
