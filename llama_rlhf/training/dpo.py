@@ -198,7 +198,7 @@ def train_dpo(args, ps, compute_dtype: torch.dtype) -> str:
                                "step_in_epoch": step % schedule.steps_per_epoch,
                                "global_batch": schedule.global_batch, "total_steps": total_steps})
 
-    t0, pairs_done, skipped_total, path = time.time(), 0, 0, None
+    t0, pairs_done, skipped_total = time.time(), 0, 0
     for step in range(start_step, last_step):
         epoch, in_epoch = divmod(step, schedule.steps_per_epoch)
         micro, _ = schedule.micro_batches(epoch, in_epoch, ps.dp_rank)
@@ -227,9 +227,5 @@ def train_dpo(args, ps, compute_dtype: torch.dtype) -> str:
                 f"{metrics['rewards/accuracies']:.3f} | margin {metrics['rewards/margins']:.4f} | lr {lr:.2e} | "
                 f"grad-norm {grad_norm:.3f} | {record['pairs_per_s']:.1f} pairs/s | peak "
                 f"{record['peak_memory_mb']:.0f} MB/rank | ETA {format_eta(eta)}{extra}")
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
-            path = save(step + 1)
-        run.stop_if_requested(step + 1, last_step, save)
-    if last_step > start_step or path is None:
-        path = save(last_step)
-    return path
+        run.end_of_step(step + 1, last_step, save)
+    return save(last_step)

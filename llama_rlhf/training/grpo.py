@@ -311,7 +311,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
 
     if evaluator is not None and start_step == 0:
         run.metrics.write({"step": 0, **evaluator(model, 0, compute_dtype)})
-    t_start, path = time.time(), None
+    t_start = time.time()
     for step in range(start_step, last_step):
         t0 = time.time()
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -410,9 +410,5 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                 for r in rollouts[:2]:
                     log(f"  [prompt {r.prompt.index} sample {r.sample_index} reward {r.reward:.2f}] "
                         f"{r.text[:300]!r}")
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
-            path = save(step + 1)
-        run.stop_if_requested(step + 1, last_step, save)
-    if last_step > start_step or path is None:
-        path = save(last_step)
-    return path
+        run.end_of_step(step + 1, last_step, save)
+    return save(last_step)

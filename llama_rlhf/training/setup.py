@@ -166,6 +166,13 @@ class TrainingRun:
         self.last_saved = (step, path)
         return path
 
+    def end_of_step(self, step: int, last_step: int, save) -> None:
+        """After optimizer step ``step``, on every rank: the --save_steps checkpoint (``save(step)``; the last step's
+        is the trainer's final save), then the stop agreement."""
+        if self.args.save_steps and step % self.args.save_steps == 0 and step != last_step:
+            save(step)
+        self.stop_if_requested(step, last_step, save)
+
     def stop_if_requested(self, step: int, last_step: int, save) -> None:
         """After optimizer step ``step``, on every rank: when any rank got a stop signal, every rank saves
         checkpoint-``step`` (``save(step)``, unless just saved) and raises ``Stopped``. The last step just ends."""

@@ -112,7 +112,7 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
 
     if tracker is not None and start_step == 0:
         run.metrics.write({"step": 0, **tracker(model, 0, compute_dtype)})
-    t0, tokens_done, skipped_total, path = time.time(), 0, 0, None
+    t0, tokens_done, skipped_total = time.time(), 0, 0
     for step in range(start_step, last_step):
         epoch, in_epoch = divmod(step, schedule.steps_per_epoch)
         micro, trained = schedule.micro_batches(epoch, in_epoch, ps.dp_rank)
@@ -139,9 +139,5 @@ def train(args, ps, compute_dtype: torch.dtype) -> str:
             log(f"step {step + 1}/{last_step} | loss {result.loss:.4f} | lr {lr:.2e} | grad-norm "
                 f"{result.grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s | peak {record['peak_memory_mb']:.0f} MB"
                 f"/rank | ETA {format_eta(eta)}{extra}")
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 != last_step:
-            path = save(step + 1)
-        run.stop_if_requested(step + 1, last_step, save)
-    if last_step > start_step or path is None:
-        path = save(last_step)
-    return path
+        run.end_of_step(step + 1, last_step, save)
+    return save(last_step)
