@@ -17,7 +17,7 @@ from llama_rlhf.data.readers import read_records
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.rewards import build_rewards, check_required_fields
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
-from llama_rlhf.scoring import parse_pass_k
+from llama_rlhf.inference.scoring import parse_pass_k
 
 
 def parse_args(argv=None):
@@ -72,7 +72,7 @@ def main():
     compute_dtype = parse_dtype(args.dtype)
     ps = init_parallel(args.model_parallel_size, args.sequence_parallel_size, args.distributed_timeout_minutes)
     seed_everything(args.seed)
-    from llama_rlhf.batch_generate import run_generation
+    from llama_rlhf.inference.batch_generate import run_generation
     from llama_rlhf.models.families import detect_model_type, get_family
     from llama_rlhf.models.pretrained import load_pretrained
     from llama_rlhf.tokenizer import load_tokenizer, tokenizer_source

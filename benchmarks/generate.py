@@ -47,8 +47,8 @@ def time_hf(model, tokenizer, prompts, new_tokens: int) -> tuple[float, list[lis
 
 
 def time_ours(model, ps, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
-    from llama_rlhf.generation import generate
-    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.inference.engine import generate
+    from llama_rlhf.inference.sampling import SamplingParams
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     start = time.perf_counter()
     out = generate(model, prompts, params, end_ids=(), ps=ps, max_batch_size=len(prompts))

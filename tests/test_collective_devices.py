@@ -52,7 +52,7 @@ def check_grpo_dp2_sp2(ckpt, out):
 
 def check_generation_mp2_dp2(ckpt, out):
     import solver_generate
-    from llama_rlhf.batch_generate import run_generation
+    from llama_rlhf.inference.batch_generate import run_generation
     from llama_rlhf.models.pretrained import load_pretrained
     from llama_rlhf.parallel.state import init_parallel
     from llama_rlhf.tokenizer import load_tokenizer

@@ -116,7 +116,7 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
 
 def test_prompts_of_every_format_render_like_their_messages_line(tok):
     """solver_generate / GRPO prompts: the reference (trailing assistant, completion, output) is not prompted."""
-    from llama_rlhf.batch_generate import prompt_ids
+    from llama_rlhf.inference.batch_generate import prompt_ids
     reference = prompt_ids({"messages": CHAT}, tok, True, None, "x:1")
     assert reference == tok.encode_chat(CHAT[:2], add_generation_prompt=True)
     turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Add 2 and 3.\n2 3"},

@@ -379,7 +379,7 @@ def test_generation_in_chunks_changes_no_result(tiny_model, tmp_path, monkeypatc
     """solver_generate's replicas meet after every chunk of prompts (so no collective waits for the rest of a long
     job); sampled results are keyed by prompt, so one chunk per prompt writes the same file as one chunk in all."""
     import solver_generate
-    from llama_rlhf import batch_generate
+    from llama_rlhf.inference import batch_generate
     from llama_rlhf.models.pretrained import load_pretrained
     from llama_rlhf.tokenizer import load_tokenizer
     prompts = tmp_path / "prompts.jsonl"

@@ -17,9 +17,9 @@ import random
 import pytest
 import torch
 
-from llama_rlhf.generation import Generator, generate
+from llama_rlhf.inference.engine import Generator, generate
 from llama_rlhf.runtime import UsageError
-from llama_rlhf.sampling import SamplingParams, filtered_distribution, sample, uniforms
+from llama_rlhf.inference.sampling import SamplingParams, filtered_distribution, sample, uniforms
 from tests.distributed import assert_check, grid, run_checks
 
 NEW_TOKENS = 24
@@ -112,7 +112,7 @@ def test_two_level_draw_equals_one_cumsum_over_a_large_vocabulary():
 
 
 def test_top_p_beyond_the_candidates_sorts_those_rows(monkeypatch):
-    import llama_rlhf.sampling as sampling
+    import llama_rlhf.inference.sampling as sampling
     logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [0.1, 0.0, 0.2, -0.1, 0.05, 0.0, 0.3, 0.1]],
                           dtype=torch.float64)
     params = SamplingParams(1.0, top_p=0.9)
@@ -423,7 +423,7 @@ def check_sampled_logprobs(cases_file):
 
 def check_mp_greedy_and_sampled_choice(*_):
     """next_tokens on vocab-parallel slices equals the single-process choice on the full rows (ties: lowest id)."""
-    from llama_rlhf.sampling import next_tokens
+    from llama_rlhf.inference.sampling import next_tokens
     ps = grid(2, 1)
     full = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     full[0, 3] = full[0, 12] = full[0].max() + 1.0  # a tie across the two ranks

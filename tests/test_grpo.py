@@ -87,8 +87,8 @@ def check_sharded_loss_and_grads_equal_single_process(*_):
 
 
 def check_trainer_log_probs_equal_sampler_log_probs(*_):
-    from llama_rlhf.generation import generate
-    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.inference.engine import generate
+    from llama_rlhf.inference.sampling import SamplingParams
     for mp in (1, 2):
         ps = grid(mp, 1)
         model = build_model(tiny_config(), ps)
@@ -117,8 +117,8 @@ def sharp_model(ps, seed=2):
 
 
 def check_sp_rollouts_are_split_and_equal_sp1(*_):
-    from llama_rlhf.generation import generate
-    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.inference.engine import generate
+    from llama_rlhf.inference.sampling import SamplingParams
     from llama_rlhf.training import sp_rollouts
     prompts = [[5, 6, 7], [9, 3, 2, 11, 4], [1, 2], [40, 41, 42, 43], [7] * 6]
     keys = [10, 11, 12, 13, 14]

@@ -11,7 +11,7 @@ import pytest
 from llama_rlhf.rewards import build_rewards, check_required_fields
 from llama_rlhf.jsonl import DataError
 from llama_rlhf.runtime import UsageError
-from llama_rlhf.scoring import default_pass_k, majority_vote, parse_pass_k, pass_at_k, summarize
+from llama_rlhf.inference.scoring import default_pass_k, majority_vote, parse_pass_k, pass_at_k, summarize
 from tests.hf_reference import write_tiny_chat_model
 from tests.launch import launch_ranks, torchrun
 

@@ -137,7 +137,7 @@ def test_model_parallel_must_divide_heads(model_dir, label_file, tmp_path):
 
 def test_prompts_render_like_training(smollm2_dir, tmp_path):
     """Chat template vs plain "system\\n\\nuser\\n" rendering, reference answers dropped, left cut keeps BOS."""
-    from llama_rlhf.batch_generate import fit_prompt, prompt_ids, read_prompts
+    from llama_rlhf.inference.batch_generate import fit_prompt, prompt_ids, read_prompts
     from llama_rlhf.jsonl import DataError
     from llama_rlhf.tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2_dir, model_type="llama-hf")

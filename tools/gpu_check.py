@@ -129,9 +129,9 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
 def generation_parity(torch, smollm2: str, new_tokens: int = 48) -> dict:
     """Greedy SmolLM2 in fp32 (TF32 off): our sharded engine vs transformers' generate, token for token."""
     import transformers
-    from llama_rlhf.generation import generate
+    from llama_rlhf.inference.engine import generate
     from llama_rlhf.models.pretrained import load_pretrained
-    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.inference.sampling import SamplingParams
     torch.backends.cuda.matmul.allow_tf32 = False
     _fresh(torch)
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
@@ -303,9 +303,9 @@ def train_speed(torch, smollm2: str, work: str, peak_tflops: float) -> list[dict
 
 def generation_speed(torch, smollm2: str, new_tokens: int = 64) -> list[dict]:
     import transformers
-    from llama_rlhf.generation import generate
+    from llama_rlhf.inference.engine import generate
     from llama_rlhf.models.pretrained import load_pretrained
-    from llama_rlhf.sampling import SamplingParams
+    from llama_rlhf.inference.sampling import SamplingParams
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
     tokenizer.padding_side = "left"
     rows = []

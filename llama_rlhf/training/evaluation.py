@@ -8,12 +8,12 @@ They run at step 0 (before the first update of a new run), every N steps, and at
 """
 from __future__ import annotations
 
-from ..batch_generate import generate_rows, read_prompts
+from ..inference.batch_generate import generate_rows, read_prompts
 from ..data.readers import read_records
 from ..rewards import check_required_fields
 from ..runtime import log
-from ..sampling import SamplingParams
-from ..scoring import default_pass_k, format_table, summarize
+from ..inference.sampling import SamplingParams
+from ..inference.scoring import default_pass_k, format_table, summarize
 
 EVAL_SEED = 977  # one random stream for every evaluation of a run: scores move with the policy, not the dice
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..batch_generate import fit_prompt, prompt_ids
+from ..inference.batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
 from ..data.readers import read_records
 from ..jsonl import DataError
@@ -23,7 +23,7 @@ from ..parallel.comm import all_reduce, copy_to_group, reduce_from_group
 from ..parallel.cross_entropy import IGNORE_INDEX, upcast, vocab_parallel_entropy, vocab_parallel_log_probs
 from ..parallel.sequence_split import zigzag_split
 from ..runtime import UsageError, autocast, log
-from ..sampling import SamplingParams
+from ..inference.sampling import SamplingParams
 from .evaluation import HeldOutEval, due
 from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
 from ..rewards import build_rewards, reward_sample, score, total

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..generation import Completion, generate
+from ..inference.engine import Completion, generate
 
 FINISH = ("stop", "length")
 

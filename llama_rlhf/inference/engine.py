@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .runtime import autocast
+from ..runtime import autocast
 from .sampling import SamplingParams, next_tokens
 
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .generation import generate
-from .data.formats import prompt_record
-from .data.readers import read_records
-from .jsonl import DataError, write_json_atomic, write_jsonl_atomic
-from .rewards import reward_sample, score, total
-from .runtime import UsageError, log
+from .engine import generate
+from ..data.formats import prompt_record
+from ..data.readers import read_records
+from ..jsonl import DataError, write_json_atomic, write_jsonl_atomic
+from ..rewards import reward_sample, score, total
+from ..runtime import UsageError, log
 from .sampling import SamplingParams
 from .scoring import format_table, predicted_answers, summarize
 

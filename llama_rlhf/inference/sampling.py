@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .runtime import UsageError
+from ..runtime import UsageError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from math import comb
 
-from .rewards import as_number, extract_answer, numbers_match
-from .runtime import UsageError
+from ..rewards import as_number, extract_answer, numbers_match
+from ..runtime import UsageError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
