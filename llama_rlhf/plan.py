@@ -45,7 +45,7 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 ZERO_STAGES = (0, 1)  # training/distributed_optimizer.py (imports torch; kept equal by tests/test_plan.py)
 BUCKET_ELEMS = 32 * 2**20 // 4  # DistributedAdamW's default bucket (32 MB of fp32)
 PREFILL_TOKENS = 16384  # generation.PREFILL_TOKENS
-GRPO_LOGIT_CHUNK_BYTES = 2**30  # training/grpo.py LOGIT_CHUNK_BYTES: fp32 logits of one row chunk
+GRPO_LOGIT_CHUNK_BYTES = 2**30  # training/logprobs.py LOGIT_CHUNK_BYTES: fp32 logits of one row chunk
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # models/lora.py
 QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}  # per base parameter (models/quant.py; int8 adds 4 bytes per row)
 

@@ -121,7 +121,7 @@ def test_losses_equal_trl_on_our_model_and_tokens(tiny_model):
 
     from llama_rlhf.models.pretrained import load_pretrained
     from llama_rlhf.tokenizer import load_tokenizer
-    from llama_rlhf.training.grpo import token_logprobs
+    from llama_rlhf.training.logprobs import token_logprobs
     tok = load_tokenizer(tiny_model, model_type="llama-hf")
     pairs = demo_pairs(tok, 4)
     ps = single_process_state()

@@ -196,7 +196,7 @@ def check_training_moves_adapters_only(_, out_root):
         ref = plain(ids)
         off = AdaptersOff(model)(ids)
     assert torch.equal(off, ref), f"adapters-off logits differ from the base by {(off - ref).abs().max():.2e}"
-    from llama_rlhf.training.grpo import token_logprobs  # the GRPO reference's log-probs: the base's, exactly
+    from llama_rlhf.training.logprobs import token_logprobs  # the GRPO reference's log-probs: the base's, exactly
     batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(12).expand(2, 12)}
     with torch.no_grad():
         lp_off, _ = token_logprobs(AdaptersOff(model), batch, ps, 0.7, torch.float32)

@@ -200,7 +200,7 @@ def test_parameter_count_matches_the_model():
 def test_constants_agree_with_the_code():
     from llama_rlhf.inference.engine import PREFILL_TOKENS
     from llama_rlhf.training.distributed_optimizer import ZERO_STAGES
-    from llama_rlhf.training.grpo import LOGIT_CHUNK_BYTES
+    from llama_rlhf.training.logprobs import LOGIT_CHUNK_BYTES
     assert planner.ZERO_STAGES == ZERO_STAGES and planner.PREFILL_TOKENS == PREFILL_TOKENS
     assert planner.GRPO_LOGIT_CHUNK_BYTES == LOGIT_CHUNK_BYTES
 

@@ -21,7 +21,7 @@ from ..parallel.comm import all_reduce
 from ..parallel.cross_entropy import IGNORE_INDEX
 from ..runtime import UsageError, log
 from .dpo_loss import PreferenceLoss, pair_losses, step_loss
-from .grpo import global_sum, local_part, sequence_sum, token_logprobs
+from .logprobs import global_sum, local_part, sequence_sum, token_logprobs
 from .setup import TrainingRun
 from .sft import format_eta
 

@@ -12,19 +12,18 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..inference.batch_generate import fit_prompt, prompt_ids
 from ..data import epoch_order
 from ..data.readers import read_records
 from ..jsonl import DataError
 from ..models.pretrained import load_pretrained
-from ..parallel.comm import all_reduce, copy_to_group, reduce_from_group
-from ..parallel.cross_entropy import IGNORE_INDEX, upcast, vocab_parallel_entropy, vocab_parallel_log_probs
-from ..parallel.sequence_split import zigzag_split
-from ..runtime import UsageError, autocast, log
+from ..parallel.comm import all_reduce
+from ..parallel.cross_entropy import IGNORE_INDEX
+from ..runtime import UsageError, log
 from ..inference.sampling import SamplingParams
 from .evaluation import HeldOutEval, due
+from .logprobs import global_sum, local_part, sequence_sum, token_logprobs
 from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
 from ..rewards import build_rewards, reward_sample, score, total
 from .setup import TrainingRun
@@ -102,56 +101,6 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int, multiple: int, fields=("
     return batch
 
 
-def local_part(batch: dict, ps) -> dict:
-    """This rank's tokens: the whole batch, or its zigzag chunks under sequence parallelism."""
-    batch = {k: v.to(ps.device) for k, v in batch.items()}
-    if ps.sp_size == 1:
-        return batch
-    return {k: zigzag_split(v, ps.sp_size, ps.sp_rank) for k, v in batch.items()}
-
-
-LOGIT_CHUNK_BYTES = 2**30  # fp32 logits of one row chunk, per rank
-
-
-def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, with_entropy: bool = False,
-                   entropy_grad: bool = False, chunk_rows: int | None = None):
-    """log p(label) per position of this rank's tokens under softmax(logits / T), vocab-parallel: [B, S_local]
-    (0 where the label is ignored), and the entropy there. The LM head runs only on positions with a label (the
-    completions), ``chunk_rows`` of them at a time (default: 1 GiB of fp32 logits); with grad, each chunk's
-    logits are recomputed in backward, so a micro-batch never holds more than one chunk's. ``entropy_grad`` (an
-    entropy bonus) differentiates the entropy too."""
-    labels = batch["labels"]
-    scored = labels != IGNORE_INDEX  # [B, S]; the same on every MP rank
-    with autocast(compute_dtype, ps.device):
-        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], hidden_only=True)  # [B, S, h]
-    rows, targets = hidden[scored], labels[scored]  # [N, h], [N]
-    width = model.model.embed_tokens.vocab_stop - model.model.embed_tokens.vocab_start  # V_padded / mp
-    step = chunk_rows or max(1, LOGIT_CHUNK_BYTES // (4 * width))
-
-    def chunk(h, t):  # [n, h], [n] -> log-probs [n], entropy [n]
-        with autocast(compute_dtype, ps.device):
-            logits = model.logits(h)  # [n, V/mp]
-        logits = upcast(logits) / temperature if temperature > 0 else upcast(logits)  # fp64 stays fp64
-        entropy = None
-        if with_entropy:
-            entropy = vocab_parallel_entropy(logits, ps.mp_group, differentiable=entropy_grad)
-        logp = vocab_parallel_log_probs(logits, t, ps.mp_group, overwrite_logits=not entropy_grad)  # logits die
-        return logp, entropy
-
-    recompute = torch.is_grad_enabled() and rows.shape[0] > step
-    # at least one (maybe empty) chunk: a rank without scored tokens still joins backward's collectives (MP, SP)
-    parts = [checkpoint(chunk, rows[lo:lo + step], targets[lo:lo + step], use_reentrant=False) if recompute
-             else chunk(rows[lo:lo + step], targets[lo:lo + step]) for lo in range(0, max(rows.shape[0], 1), step)]
-    values = torch.cat([lp for lp, _ in parts])  # fp32 (fp64 for an fp64 model)
-    logp = torch.zeros(labels.shape, dtype=values.dtype, device=labels.device)
-    logp[scored] = values
-    entropy = None
-    if with_entropy:
-        entropy = torch.zeros(labels.shape, dtype=values.dtype, device=labels.device)
-        entropy[scored] = torch.cat([e for _, e in parts])
-    return logp, entropy
-
-
 def completion_values(values: torch.Tensor, rollouts: list[Rollout], batch_len: int, ps) -> list[torch.Tensor]:
     """Per-rollout completion log-probs [len] from per-position values [B, S_local] (gathered over SP)."""
     if ps.sp_size > 1:
@@ -172,14 +121,6 @@ class UpdateStats:
     high_clip: float = 0.0
     entropy: float = 0.0
     tokens: float = 0.0
-
-
-def sequence_sum(ps):
-    """Sum over each sequence's positions, whose tokens SP ranks share: fwd all-reduce, bwd all-reduce (every
-    rank's loss reaches every rank's tokens); None (a plain sum) without SP."""
-    if ps.sp_size == 1:
-        return None
-    return lambda x: reduce_from_group(copy_to_group(x.sum(-1), ps.sp_group), ps.sp_group)
 
 
 def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, compute_dtype, pad_id: int,
@@ -254,11 +195,6 @@ def rollout_slices(rollouts: list[Rollout], n: int) -> list[list[Rollout]]:
     """``n`` contiguous, near-equal slices (one per optimizer step); slices hold whole groups when n divides
     the groups, and a slice may be empty at the end of an epoch (its rank still joins the step)."""
     return [rollouts[i * len(rollouts) // n:(i + 1) * len(rollouts) // n] for i in range(n)]
-
-
-def global_sum(values: list[float], ps) -> list[float]:
-    """Sum floats over DP ranks (every MP/SP peer holds the same rollouts)."""
-    return all_reduce(torch.tensor(values, dtype=torch.float64, device=ps.device), ps.dp_group).tolist()
 
 
 def load_reference(args, run: TrainingRun):
