@@ -5,6 +5,9 @@
 examples/data/sft_arithmetic.jsonl   instruction/output pairs: short word problems answered step by step,
                                      always ending "The answer is N." (a format the base chat model lacks)
 examples/data/grpo_arithmetic.jsonl  instruction/answer pairs for GRPO with the accuracy and format rewards
+examples/data/grpo_train.jsonl       the GRPO demo's task: "What is A + B?" for A, B in 1..12, answer A + B;
+examples/data/grpo_heldout.jsonl     the held-out split shares no operand pair with the train split (in either
+                                     order): HELDOUT_PAIRS of the 78 unordered pairs are kept out of training
 examples/data/prompts.jsonl          a few prompts for solver_generate.py
 examples/data/dpo_arithmetic.jsonl   preference pairs: the worked answer (chosen) against the same steps ending
                                      in a wrong number (rejected), in TRL's three shapes (instruction + strings,
@@ -39,8 +42,33 @@ def word_problem(rng: random.Random) -> tuple[str, str, int]:
     return q, f"{a * b} shared among {a}: {a * b} / {a} = {b}. The answer is {b}.", b
 
 
-def main():
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ADD_RANGE = range(1, 13)
+HELDOUT_PAIRS = 24
+
+
+def addition_splits(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records for the GRPO demo: the unordered operand pairs {A, B} of ADD_RANGE are shuffled
+    and split; each train pair appears in both orders, each held-out pair once, in a random order."""
+    pairs = [(a, b) for a in ADD_RANGE for b in ADD_RANGE if a <= b]
+    rng.shuffle(pairs)
+    record = lambda a, b: {"instruction": f"What is {a} + {b}?", "answer": str(a + b)}  # noqa: E731
+    heldout = [record(*(p if rng.random() < 0.5 else p[::-1])) for p in pairs[:HELDOUT_PAIRS]]
+    train = [record(a, b) for a, b in pairs[HELDOUT_PAIRS:]] + [record(b, a) for a, b in pairs[HELDOUT_PAIRS:] if a != b]
+    rng.shuffle(train)
+    return train, heldout
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def main(here: str = DATA_DIR):
+    """Write every demo file into ``here`` (default examples/data)."""
     os.makedirs(here, exist_ok=True)
     rng = random.Random(2024)
     with open(os.path.join(here, "sft_arithmetic.jsonl"), "w", encoding="utf-8") as f:
@@ -73,6 +101,10 @@ def main():
                 record = {"chosen": user + [{"role": "assistant", "content": worked}],
                           "rejected": user + [{"role": "assistant", "content": bad}]}
             f.write(json.dumps(record) + "\n")
+
+    train, heldout = addition_splits(random.Random(2026))
+    write_jsonl(os.path.join(here, "grpo_train.jsonl"), train)
+    write_jsonl(os.path.join(here, "grpo_heldout.jsonl"), heldout)
 
 
 if __name__ == "__main__":

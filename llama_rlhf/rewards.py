@@ -16,6 +16,9 @@ format    1.0 if the completion is exactly ``<think>...</think>`` then ``<answer
           around them allowed, one of each tag, answer not empty), else 0.0.
 length    1.0 inside [length_min, length_max] completion tokens, falling linearly to 0.0 at half the minimum
           and at twice the maximum.
+last_number  1.0 if the last number written anywhere in the completion equals ``sample["answer"]`` (compared
+          numerically, as accuracy does), else 0.0: a lenient reading for models that do not yet use an answer
+          format (lm-evaluation-harness's "flexible extract" for GSM8K reads answers the same way).
 
 A function may name the fields it needs in the input lines (``fn.required_fields = ("answer",)``, as accuracy
 does): a data file lacking one is refused before any model is loaded (``check_required_fields``).
@@ -98,6 +101,23 @@ def accuracy_reward(completion: str, sample: dict) -> float:
 accuracy_reward.required_fields = ("answer",)
 
 
+_NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in the text (``-12``, ``1,000``, ``2.5``; a ``-`` between digits is not a sign), or None."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def last_number_reward(completion: str, sample: dict) -> float:
+    predicted = last_number(completion)
+    return 1.0 if predicted is not None and answers_match(predicted, str(sample["answer"])) else 0.0
+
+
+last_number_reward.required_fields = ("answer",)
+
+
 def format_reward(completion: str, sample: dict) -> float:
     m = _FORMAT.match(completion)
     return 1.0 if m and m.group(1).strip() else 0.0
@@ -131,7 +151,7 @@ def load_user_reward(spec: str) -> RewardFn:
     return fn
 
 
-BUILTIN = ("accuracy", "format", "length")
+BUILTIN = ("accuracy", "format", "length", "last_number")
 
 
 def build_rewards(names: str, weights: str | None, length_band=(16, 256)) -> list[tuple[str, RewardFn, float]]:
@@ -150,6 +170,8 @@ def build_rewards(names: str, weights: str | None, length_band=(16, 256)) -> lis
             fn = format_reward
         elif name == "length":
             fn = make_length_reward(*length_band)
+        elif name == "last_number":
+            fn = last_number_reward
         elif ":" in name and name.rsplit(":", 1)[0].endswith(".py"):
             fn = load_user_reward(name)
         else:
