@@ -7,12 +7,12 @@
 # rollout temperature) is measured with solver_generate.py on the base model, logged during GRPO (eval/...),
 # and measured again on the saved checkpoint; the script prints before -> after and plots the run.
 #   bash examples/grpo_demo.sh
-# Environment: OUT (default runs/grpo_demo), STEPS (default 30), NPROC (default 1: MP=1; 3 gives MP=3).
+# Environment: OUT (default runs/grpo_demo), STEPS (default 15), NPROC (default 1: MP=1; 3 gives MP=3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out="${OUT:-runs/grpo_demo}"
-steps="${STEPS:-30}"
+steps="${STEPS:-15}"
 nproc="${NPROC:-1}"
 model="$(python3 tools/fetch_smollm2.py)"
 heldout=examples/data/grpo_heldout.jsonl
@@ -30,8 +30,8 @@ start=$SECONDS
 score "$model" base
 torchrun --nproc_per_node "$nproc" solver_grpo.py --model_parallel_size "$nproc" \
   --ckpt_dir "$model" --train_file examples/data/grpo_train.jsonl --save_dir "$out" "${sampling[@]}" \
-  --eval_file "$heldout" --eval_steps 10 --eval_num_samples 4 --rollout_batch_size 96 --reward_funcs last_number \
-  --num_samples_per_prompt "$samples" --max_batch_size 2 --lr 2e-5 --max_steps "$steps" --log_completions_steps 10
+  --eval_file "$heldout" --eval_steps 5 --eval_num_samples 4 --rollout_batch_size 96 --reward_funcs last_number \
+  --num_samples_per_prompt "$samples" --max_batch_size 2 --lr 2e-5 --max_steps "$steps" --log_completions_steps 5
 score "$out/checkpoint-$steps" tuned
 
 python3 - "$out" "$samples" "$((SECONDS - start))" <<'PY'
