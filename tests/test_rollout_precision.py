@@ -34,7 +34,8 @@ TEMPERATURE = 0.7
 SMOLLM2_BOUNDS = {("bfloat16", None): (0.075, 0.42), ("float32", "int8"): (0.14, 0.83),
                   ("bfloat16", "int8"): (0.15, 0.86), ("float16", None): (0.01, 0.09)}
 # the tiny sharpened model (logits of several nats), measured mean / max: bf16 0.0080 / 0.035, int8 0.013 / 0.047
-TINY_BOUNDS = {("bfloat16", None): (0.012, 0.053), ("float32", "int8"): (0.02, 0.07)}
+# (MP=2 int8: 0.012 / 0.087, its row-parallel slices have their own per-row scales)
+TINY_BOUNDS = {("bfloat16", None): (0.012, 0.053), ("float32", "int8"): (0.02, 0.13)}
 
 
 def tiny_config():
