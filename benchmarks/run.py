@@ -294,11 +294,20 @@ def summarize_comm(rows):
     return out
 
 
+def rollout_precision_label(r) -> str:
+    """", rollouts bfloat16+int8" for rows whose rollouts ran in another precision than the trainer (else "")."""
+    dtype, quant = r.get("rollout_dtype", r["dtype"]), r.get("rollout_quantization", "none")
+    if dtype == r["dtype"] and quant == "none":
+        return ""
+    return f", rollouts {dtype}" + (f"+{quant}" if quant != "none" else "")
+
+
 def summarize_grpo_step(rows):
     out = []
     for r in rows:
         config = (f"GRPO {r['prompts']} prompts x {r['group']}, {r['new_tokens']} new tokens, beta {r['beta']}, "
-                  f"{r['dtype']}" + (f", LoRA r={r['lora_rank']}" if r.get("lora_rank") else ""))
+                  f"{r['dtype']}" + (f", LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")
+                  + rollout_precision_label(r))
         out.append(line("grpo_step", config, "step s", r["llama_rlhf_step_s"], r["trl_step_s"], "TRL GRPOTrainer",
                         r["speedup_vs_trl"], "faster", 2))
         out.append(line("grpo_step", config, "rollout s", r["llama_rlhf_rollout_s"], r["trl_rollout_s"],
@@ -426,7 +435,7 @@ def evaluate_targets(results: dict) -> list[dict]:
     gen16 = next((r["speedup_vs_transformers"] for r in rows.get("generate", []) if r["batch"] == 16), None)
     load3 = next((r for r in rows.get("load", []) if r["impl"] == "llama_rlhf" and r["mp"] == 3
                   and r["status"] == "ok"), None)
-    grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0]
+    grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0 and not rollout_precision_label(r)]
     zero_bf16 = [r for r in rows.get("memory", []) if r.get("kind") != "mfu" and r["zero_stage"] == 1]
     data = [r for r in rows.get("data", []) if r["samples"] >= 1_000_000]
     return [
