@@ -391,14 +391,14 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
             totals.values[6:9] = mismatch.values[6:9] / ps.sp_size
             totals.mismatch_max = mismatch.mismatch_max
         token_sums = all_reduce(totals.values, ps.dpsp_group).tolist()
-        mismatch_max = all_reduce(totals.mismatch_max, ps.dpsp_group, op=torch.distributed.ReduceOp.MAX).item()
         per_fn = [sum(r.rewards[k] for r in rollouts) for k in range(len(rewards))]
         lengths = [len(r.completion_ids) for r in rollouts]
         mean, reward_std = (v.item() for v in mean_and_std(
             torch.tensor([r.reward for r in rollouts], dtype=torch.float64), dp_sum(ps)))
         sums = global_sum([sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
-        max_len = all_reduce(torch.tensor(float(max(lengths, default=0)), device=ps.device), ps.dp_group,
-                             op=torch.distributed.ReduceOp.MAX).item()
+        # both maxima in one collective (the completion length is the same on SP peers, so MAX over DP x SP)
+        mismatch_max, max_len = all_reduce(torch.stack([totals.mismatch_max, totals.mismatch_max.new_tensor(
+            float(max(lengths, default=0)))]), ps.dpsp_group, op=torch.distributed.ReduceOp.MAX).tolist()
         n, tokens = max(n_seq, 1), max(token_sums[5], 1)
         record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": sum(step_losses[-slices:]) / slices,
                   "reward_mean": mean, "reward_std": reward_std, "kl": token_sums[1] / tokens,
