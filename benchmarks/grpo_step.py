@@ -16,7 +16,8 @@ differs between the two, so the work per step differs a little (both stop a sequ
 Rollout precision rows (ours only; TRL's row for the same settings is measured once and reused): --rollout_dtype
 bfloat16 (a bf16 copy of the fp32 policy), --rollout_quantization int8 (int8 decoder linears, fp32 activations) and
 both; the trainer stays fp32. Their rollout_logprob_diff_mean (sampler vs trainer, from metrics.jsonl) is reported.
-``--threads N`` sets OMP_NUM_THREADS for both sides (on a loaded machine one thread each is the steadier measure).
+``--threads N`` sets the thread count of both sides (OMP_NUM_THREADS for TRL, LLAMA_RLHF_NUM_THREADS for our ranks,
+which otherwise take cores / local ranks: under load a spare thread costs far more than it gives).
 
     python -m benchmarks.grpo_step [--quick] [--threads N]
 """
@@ -236,7 +237,7 @@ def measure(model_dir: str, cfg: dict, trl_runs: dict | None = None) -> dict:
            "rollout_dtype": cfg.get("rollout_dtype") or cfg["dtype"],
            "rollout_quantization": cfg.get("rollout_quantization") or "none",
            "llama_rlhf_logprob_diff_mean": statistics.mean(ours["logprob_diff"]),
-           "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+           "threads": os.environ.get("LLAMA_RLHF_NUM_THREADS", "default"),
            "llama_rlhf_peak_memory_mb": ours["peak_memory_mb"], "trl_peak_memory_mb": trl["peak_memory_mb"],
            "sequences_per_step": cfg["prompts"] * cfg["group"], "same_prompt_ids": same,
            "llama_rlhf_step_s": _stats(ours["step_s"]), "trl_step_s": _stats(trl["step_s"]),
@@ -283,8 +284,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both sides (0: as the environment)")
     p.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.threads:  # TRL reads OMP_NUM_THREADS; our ranks set their own count unless LLAMA_RLHF_NUM_THREADS says
+        os.environ["OMP_NUM_THREADS"] = os.environ["LLAMA_RLHF_NUM_THREADS"] = str(args.threads)
     if args.trl_worker:
         trl_worker(json.loads(args.trl_worker))
         return
