@@ -264,7 +264,7 @@ def format_table(rows: list[dict]) -> str:
              f"{'speedup':>8} {'ours rollout s':>19} {'TRL rollout s':>19} {'completion len ours/TRL':>24} "
              f"{'|dlogp|':>8}"]
     for r in rows:
-        rollouts = r.get("rollout_dtype", r["dtype"]).replace("float", "fp").replace("bfloat", "bf")
+        rollouts = r.get("rollout_dtype", r["dtype"]).replace("bfloat", "bf").replace("float", "fp")
         if r.get("rollout_quantization", "none") != "none":
             rollouts += "+" + r["rollout_quantization"]
         if r.get("lora_rank"):
