@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..parallel.cpu_allocator import keep_freed_memory
 from ..runtime import autocast
 from .packed import packed_weights
 from .sampling import SamplingParams, next_tokens
@@ -150,6 +151,7 @@ class Generator:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[list[Completion]]:
+        keep_freed_memory(self.ps.device)  # CPU: each step's logits and packed copies reuse freed heap, no page faults
         # one autocast region for the whole run: it keeps its low-precision copy of each weight across steps
         with autocast(self.autocast_dtype, self.ps.device), packed_weights(self.model, self.dtype, self.rows,
                                                                            self.packed):
