@@ -115,7 +115,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['dtype']:>9}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
               f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
-              f"{r['greedy_agreement']:>7.2f}{r['load_average_1min']:>6.1f}")
+              f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}")  # older rows lack it
 
 
 def main():
