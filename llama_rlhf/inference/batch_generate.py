@@ -69,8 +69,9 @@ def fit_prompt(ids: list[int], max_seq_len: int, bos_id) -> tuple[list[int], int
 
 
 def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | None, max_seq_len: int,
-                 strict: bool) -> list[Prompt]:
-    """Every line of ``path`` as a Prompt; errors name file and line; too-long prompts cut (or, strict, an error)."""
+                 refuse_too_long: bool) -> list[Prompt]:
+    """Every line of ``path`` as a Prompt; errors name file and line; too-long prompts are cut from the left, or
+    with ``refuse_too_long`` (solver_generate's --strict) refused."""
     if use_chat_template and tok.chat_template is None:
         raise UsageError("--use_chat_template: this tokenizer has no chat template (none in the checkpoint and "
                          "none built in for this model type); pass --use_chat_template false")
@@ -78,7 +79,7 @@ def read_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     for where, obj in read_records(path):
         line = where[len(path) + 1:].strip()
         ids = prompt_ids(obj, tok, use_chat_template, system_prompt, where)
-        if len(ids) >= max_seq_len and strict:
+        if len(ids) >= max_seq_len and refuse_too_long:
             raise DataError(f"{where}: the prompt has {len(ids)} tokens, which leaves no room for a response within "
                             f"--max_seq_len {max_seq_len}; shorten it, raise --max_seq_len, or drop --strict to "
                             f"cut it from the left")

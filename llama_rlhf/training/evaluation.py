@@ -31,7 +31,7 @@ class HeldOutEval:
         path = args.eval_file
         check_required_fields(rewards, read_records(path))
         self.prompts = read_prompts(path, tok, args.use_chat_template, args.system_prompt, max_prompt_len + 1,
-                                    strict=False)
+                                    refuse_too_long=False)
         self.n = args.eval_num_samples or args.num_samples_per_prompt
         self.params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, self.n)
         self.args, self.tok, self.rewards, self.ps = args, tok, rewards, ps
@@ -57,7 +57,7 @@ class SampleTracker:
 
     def __init__(self, args, tok, ps):
         self.prompts = read_prompts(args.sample_prompts_file, tok, args.use_chat_template, args.system_prompt,
-                                    args.max_seq_len, strict=False)
+                                    args.max_seq_len, refuse_too_long=False)
         self.params = SamplingParams(0.0, 1.0, 0, args.sample_max_new_tokens, 1)
         self.args, self.tok, self.ps = args, tok, ps
         log(f"{args.sample_prompts_file}: {len(self.prompts)} prompts answered greedily at step 0"
