@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # order matters: mfu reuses train_step's rows (same run), and the long ones come last
 BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm", "lora",
-              "data", "grpo_step")
+              "data", "grpo_step", "dpo_step")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,6 +322,17 @@ def summarize_grpo_step(rows):
     return out
 
 
+def summarize_dpo_step(rows):
+    out = []
+    for r in rows:
+        config = f"DPO {r['pairs']} pairs/step, {r['loss_type']}, beta {r['beta']}, {r['dtype']}, reference precomputed"
+        out.append(line("dpo_step", config, "step s", r["llama_rlhf_step_s"], r["trl_step_s"], "TRL DPOTrainer",
+                        r["speedup_vs_trl"], "faster", 2))
+        out.append(line("dpo_step", config, "peak RSS MB/rank", r["llama_rlhf_peak_memory_mb"],
+                        r["trl_peak_memory_mb"], "TRL DPOTrainer", r["memory_vs_trl"], "memory", 0))
+    return out
+
+
 def summarize_memory(rows):
     out = []
     for r in rows:
@@ -377,7 +388,7 @@ SUMMARIZERS = {"train_step": summarize_train_step, "memory": summarize_memory, "
                "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
                "load": summarize_load, "comm": summarize_comm, "lora": summarize_lora,
-               "grpo_step": summarize_grpo_step, "data": summarize_data}
+               "grpo_step": summarize_grpo_step, "dpo_step": summarize_dpo_step, "data": summarize_data}
 
 
 def summary_table(results: dict) -> list[dict]:

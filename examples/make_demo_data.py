@@ -9,6 +9,8 @@ examples/data/prompts.jsonl          a few prompts for solver_generate.py
 examples/data/dpo_arithmetic.jsonl   preference pairs: the worked answer (chosen) against the same steps ending
                                      in a wrong number (rejected), in TRL's three shapes (instruction + strings,
                                      prompt + assistant messages, conversations sharing their user turn)
+examples/data/dpo_arithmetic_heldout.jsonl  60 more pairs of the same kind on questions none of the training
+                                     pairs ask (the demo's --eval_file)
 """
 import json
 import os
@@ -57,23 +59,42 @@ def main():
             q, _, n = word_problem(rng)
             f.write(json.dumps({"instruction": q, "answer": str(n)}) + "\n")
 
+    write_dpo(here)
+
+
+def dpo_record(i: int, rng: random.Random, q: str, worked: str, n: int) -> dict:
+    """Pair i: the worked answer against the same steps ending in a wrong number, in shape i % 3."""
+    wrong = n + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    bad = worked.replace(f"= {n}. The answer is {n}.", f"= {wrong}. The answer is {wrong}.")
+    user = [{"role": "user", "content": q}]
+    if i % 3 == 0:
+        return {"instruction": q, "chosen": worked, "rejected": bad}
+    if i % 3 == 1:
+        return {"prompt": user, "chosen": [{"role": "assistant", "content": worked}],
+                "rejected": [{"role": "assistant", "content": bad}]}
+    return {"chosen": user + [{"role": "assistant", "content": worked}],
+            "rejected": user + [{"role": "assistant", "content": bad}]}
+
+
+def write_dpo(here: str) -> None:
+    """dpo_arithmetic.jsonl (300 training pairs) and dpo_arithmetic_heldout.jsonl (60 pairs whose questions are
+    none of the training questions, for --eval_file)."""
     rng = random.Random(2025)
+    seen = set()
     with open(os.path.join(here, "dpo_arithmetic.jsonl"), "w", encoding="utf-8") as f:
         for i in range(300):
             q, worked, n = word_problem(rng)
-            wrong = n + rng.choice([-3, -2, -1, 1, 2, 3, 10])
-            bad = worked.replace(f"= {n}. The answer is {n}.", f"= {wrong}. The answer is {wrong}.")
-            user = [{"role": "user", "content": q}]
-            if i % 3 == 0:
-                record = {"instruction": q, "chosen": worked, "rejected": bad}
-            elif i % 3 == 1:
-                record = {"prompt": user, "chosen": [{"role": "assistant", "content": worked}],
-                          "rejected": [{"role": "assistant", "content": bad}]}
-            else:
-                record = {"chosen": user + [{"role": "assistant", "content": worked}],
-                          "rejected": user + [{"role": "assistant", "content": bad}]}
-            f.write(json.dumps(record) + "\n")
-
+            seen.add(q)
+            f.write(json.dumps(dpo_record(i, rng, q, worked, n)) + "\n")
+    rng, i = random.Random(2026), 0
+    with open(os.path.join(here, "dpo_arithmetic_heldout.jsonl"), "w", encoding="utf-8") as f:
+        while i < 60:
+            q, worked, n = word_problem(rng)
+            if q in seen:
+                continue
+            seen.add(q)
+            f.write(json.dumps(dpo_record(i, rng, q, worked, n)) + "\n")
+            i += 1
 
 if __name__ == "__main__":
     main()
