@@ -9,9 +9,10 @@ message lists (TRL's preference format), or chosen/rejected conversations sharin
 import argparse
 
 from llama_rlhf.cli import (add_chat_flags, add_checkpoint_flags, add_data_flags, add_llama_rlhf_flags,
-                            add_lora_flags, add_memory_flags, add_model_flags, add_optimizer_flags, check_numbers)
+                            add_lora_flags, add_memory_flags, add_model_flags, add_optimizer_flags,
+                            check_training_flags)
 from llama_rlhf.parallel.state import init_parallel
-from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
+from llama_rlhf.runtime import log, parse_dtype, run_main, seed_everything
 from llama_rlhf.training.dpo_loss import LOSS_TYPES
 
 
@@ -35,10 +36,7 @@ def parse_args(argv=None):
     add_checkpoint_flags(p)
     add_llama_rlhf_flags(p, "train")
     args = p.parse_args(argv)
-    check_numbers(args)
-    for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_training_flags(args)
     from llama_rlhf.training.dpo_loss import PreferenceLoss
     PreferenceLoss(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.sft_weight).check()
     return args

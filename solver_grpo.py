@@ -39,6 +39,13 @@ def parse_args(argv=None):
     s.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     s.add_argument("--rollout_batch_size", type=int, default=0,
                    help="sequences decoded together (default: all of this rank's samples of the step)")
+    s.add_argument("--rollout_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="sample from a copy of the policy held and computed in this dtype (e.g. bf16 rollouts from "
+                        "fp32 masters), refreshed after each update; the loss still uses the trainer's log-probs "
+                        "(default: sample from the policy itself in --dtype)")
+    s.add_argument("--rollout_quantization", default="none", choices=("none", "int8"),
+                   help="int8: the rollout copy's decoder linears in weight-only int8 (one scale per output channel), "
+                        "activations in --rollout_dtype (default float32); re-quantized after each update")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=1, help="passes over the prompts")
     o.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
@@ -122,6 +129,9 @@ def parse_args(argv=None):
     for name in ("cispo_epsilon_max", "sapo_temperature_pos", "sapo_temperature_neg"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be > 0")
+    if args.rollout_quantization != "none" and args.quantize_base not in (None, "none"):
+        raise UsageError(f"--rollout_quantization {args.rollout_quantization} with --quantize_base "
+                         f"{args.quantize_base}: the base is already quantized and rollouts sample from it; drop one")
     if args.temperature <= 0:
         raise UsageError("--temperature must be > 0 for GRPO (groups need different samples)")
     return args

@@ -6,7 +6,8 @@
 import argparse
 
 from llama_rlhf.cli import (add_bool, add_chat_flags, add_checkpoint_flags, add_data_flags, add_llama_rlhf_flags,
-                            add_lora_flags, add_memory_flags, add_model_flags, add_optimizer_flags, check_numbers)
+                            add_lora_flags, add_memory_flags, add_model_flags, add_optimizer_flags,
+                            check_training_flags)
 from llama_rlhf.parallel.state import init_parallel
 from llama_rlhf.runtime import UsageError, log, parse_dtype, run_main, seed_everything
 
@@ -30,11 +31,8 @@ def parse_args(argv=None):
     add_checkpoint_flags(p)
     add_llama_rlhf_flags(p, "train")
     args = p.parse_args(argv)
-    check_numbers(args)
+    check_training_flags(args)
     args.packing = args.packing or args.stream_packing  # streamed rows hold several documents: keep them apart
-    for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.sample_steps and not args.sample_prompts_file:
         raise UsageError("--sample_steps needs --sample_prompts_file (the prompts to track)")
     return args

@@ -1,12 +1,13 @@
 """Greedy decoding throughput: this framework's generate vs transformers' generate, same prompts, same run.
 
-SmolLM2-135M-Instruct in fp32 (MP=1, one process), chat prompts of mixed lengths, batch 1, 16 and 64,
-128 new tokens each (no early stop: end tokens are ignored on both sides), greedy. tokens/s counts new
-tokens over the wall time of the whole generate call (prefill included), best of two interleaved runs, one
-torch thread on both sides by default. The greedy outputs are compared (fraction of tokens before the first
-difference).
+SmolLM2-135M-Instruct in fp32 and in bf16 (weights loaded in that dtype on both sides; MP=1, one process),
+chat prompts of mixed lengths, batch 1, 16 and 64, 128 new tokens each (no early stop: end tokens are ignored
+on both sides), greedy. tokens/s counts new tokens over the wall time of the whole generate call (prefill and,
+on CPU, the weight packing of inference/packed.py included), best of two interleaved runs, one torch thread on
+both sides by default. The greedy outputs are compared (fraction of tokens before the first difference); each
+row records the 1-minute load average when it was measured.
 
-    python -m benchmarks.generate [--quick]
+    python -m benchmarks.generate [--quick] [--unpacked]
 """
 from __future__ import annotations
 
@@ -46,12 +47,12 @@ def time_hf(model, tokenizer, prompts, new_tokens: int) -> tuple[float, list[lis
     return seconds, out[:, batch["input_ids"].shape[1]:].tolist()
 
 
-def time_ours(model, ps, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+def time_ours(model, ps, prompts, new_tokens: int, pack: bool = True) -> tuple[float, list[list[int]]]:
     from llama_rlhf.inference.engine import generate
     from llama_rlhf.inference.sampling import SamplingParams
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     start = time.perf_counter()
-    out = generate(model, prompts, params, end_ids=(), ps=ps, max_batch_size=len(prompts))
+    out = generate(model, prompts, params, end_ids=(), ps=ps, max_batch_size=len(prompts), pack_weights=pack)
     seconds = time.perf_counter() - start
     return seconds, [c[0].token_ids for c in out]
 
@@ -66,49 +67,55 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return total / len(a)
 
 
-def run(quick: bool = False, threads: int = 1) -> list[dict]:
+def run(quick: bool = False, threads: int = 1, pack: bool = True) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, ROOT)
     from llama_rlhf.models.pretrained import load_pretrained
+    from llama_rlhf.parallel.cpu_allocator import keep_freed_memory
     from llama_rlhf.parallel.state import single_process_state
     from tools.fetch_smollm2 import ensure_smollm2
 
     torch.set_num_threads(threads)
     model_dir = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ps = single_process_state()
-    ours = load_pretrained(model_dir, "llama-hf", ps, dtype=torch.float32)
     batches, new_tokens, repeats = ((1, 16), 32, 2) if quick else ((1, 16, 64), 128, 2)
-    time_ours(ours, ps, chat_prompts(tokenizer, 2), 4)  # warm-up
-    time_hf(hf, tokenizer, chat_prompts(tokenizer, 2), 4)
     rows = []
-    for batch in batches:
-        prompts = chat_prompts(tokenizer, batch)
-        hf_times, our_times = [], []
-        for _ in range(repeats):  # interleaved, best of ``repeats``: the machine may be shared
-            hf_s, hf_out = time_hf(hf, tokenizer, prompts, new_tokens)
-            our_s, our_out = time_ours(ours, ps, prompts, new_tokens)
-            hf_times.append(hf_s)
-            our_times.append(our_s)
-        hf_s, our_s = min(hf_times), min(our_times)
-        tokens = batch * new_tokens
-        rows.append({"benchmark": "generate", "model": "SmolLM2-135M-Instruct", "dtype": "float32", "mp": 1,
-                     "batch": batch, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-                     "transformers_tokens_per_s": tokens / hf_s, "llama_rlhf_tokens_per_s": tokens / our_s,
-                     "speedup_vs_transformers": hf_s / our_s, "transformers_s": hf_s, "llama_rlhf_s": our_s,
-                     "greedy_agreement": agreement(hf_out, our_out)})
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        ours = load_pretrained(model_dir, "llama-hf", ps, dtype=dtype)
+        keep_freed_memory(ps.device)  # generate does this too; before HF's first run, so both sides get it
+        time_ours(ours, ps, chat_prompts(tokenizer, 2), 4, pack)  # warm-up
+        time_hf(hf, tokenizer, chat_prompts(tokenizer, 2), 4)
+        for batch in batches:
+            prompts = chat_prompts(tokenizer, batch)
+            hf_times, our_times = [], []
+            for _ in range(repeats):  # interleaved, best of ``repeats``: the machine may be shared
+                hf_s, hf_out = time_hf(hf, tokenizer, prompts, new_tokens)
+                our_s, our_out = time_ours(ours, ps, prompts, new_tokens, pack)
+                hf_times.append(hf_s)
+                our_times.append(our_s)
+            hf_s, our_s = min(hf_times), min(our_times)
+            tokens = batch * new_tokens
+            rows.append({"benchmark": "generate", "model": "SmolLM2-135M-Instruct", "dtype": str(dtype).split(".")[1],
+                         "mp": 1, "batch": batch, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                         "packed_weights": pack, "transformers_tokens_per_s": tokens / hf_s,
+                         "llama_rlhf_tokens_per_s": tokens / our_s, "speedup_vs_transformers": hf_s / our_s,
+                         "transformers_s": hf_s, "llama_rlhf_s": our_s, "greedy_agreement": agreement(hf_out, our_out),
+                         "load_average_1min": os.getloadavg()[0]})
+        del hf, ours
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'batch':>5}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}{'agree':>7}")
+    print(f"{'dtype':>9}{'batch':>6}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}"
+          f"{'agree':>7}{'load':>6}")
     for r in rows:
-        print(f"{r['batch']:>5}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
+        print(f"{r['dtype']:>9}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
               f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
-              f"{r['greedy_agreement']:>7.2f}")
+              f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}")  # older rows lack it
 
 
 def main():
@@ -116,8 +123,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="batch 1 and 16, 32 new tokens")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both sides (default 1: shared machines make multi-thread timings noisy)")
+    p.add_argument("--unpacked", action="store_true",
+                   help="our side without oneDNN-packed weights (generate(pack_weights=False)), to measure that lever")
     args = p.parse_args()
-    print_table(run(args.quick, args.threads))
+    print_table(run(args.quick, args.threads, not args.unpacked))
 
 
 if __name__ == "__main__":

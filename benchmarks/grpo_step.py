@@ -13,7 +13,13 @@ times each optimizer step (on_step_begin -> on_step_end), and TRL's ``_generate`
 share. The first step of each side is warm-up and dropped. Completion lengths are reported too: sampling
 differs between the two, so the work per step differs a little (both stop a sequence at the end token).
 
-    python -m benchmarks.grpo_step [--quick]
+Rollout precision rows (ours only; TRL's row for the same settings is measured once and reused): --rollout_dtype
+bfloat16 (a bf16 copy of the fp32 policy), --rollout_quantization int8 (int8 decoder linears, fp32 activations) and
+both; the trainer stays fp32. Their rollout_logprob_diff_mean (sampler vs trainer, from metrics.jsonl) is reported.
+``--threads N`` sets the thread count of both sides (OMP_NUM_THREADS for TRL, LLAMA_RLHF_NUM_THREADS for our ranks,
+which otherwise take cores / local ranks: under load a spare thread costs far more than it gives).
+
+    python -m benchmarks.grpo_step [--quick] [--threads N]
 """
 from __future__ import annotations
 
@@ -37,9 +43,13 @@ def settings(quick: bool) -> list[dict]:
     """One dict per compared configuration."""
     base = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "loss_type": "dapo", "lr": 1e-6, "epsilon": 0.2,
             "max_grad_norm": 1.0, "max_seq_len": 256, "dtype": "float32"}
+    precisions = [{"rollout_dtype": "bfloat16"}, {"rollout_quantization": "int8"},
+                  {"rollout_dtype": "bfloat16", "rollout_quantization": "int8"}]
     if quick:
-        return [dict(base, prompts=2, group=4, new_tokens=24, steps=3, beta=0.0)]
+        row = dict(base, prompts=2, group=4, new_tokens=24, steps=3, beta=0.0)
+        return [row] + [dict(row, **p) for p in precisions]
     full = [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=beta) for beta in (0.0, 0.04)]
+    full += [dict(full[0], **p) for p in precisions]
     # LoRA r=16 on every linear, the KL reference = the adapters-off model on both sides (TRL with a peft_config)
     return full + [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=0.04, lr=1e-4, lora_rank=16)]
 
@@ -82,6 +92,10 @@ def run_ours(model_dir: str, prompts: str, work: str, cfg: dict) -> dict:
     if cfg.get("lora_rank"):
         cmd += ["--lora_rank", str(cfg["lora_rank"]), "--lora_alpha", str(2 * cfg["lora_rank"]),
                 "--lora_target_modules", "all-linear"]
+    if cfg.get("rollout_dtype"):
+        cmd += ["--rollout_dtype", cfg["rollout_dtype"]]
+    if cfg.get("rollout_quantization"):
+        cmd += ["--rollout_quantization", cfg["rollout_quantization"]]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -93,6 +107,7 @@ def run_ours(model_dir: str, prompts: str, work: str, cfg: dict) -> dict:
     return {"step_s": [r["step_s"] for r in timed], "rollout_s": [r["rollout_s"] for r in timed],
             "completion_len": [r["completion_len_mean"] for r in timed],
             "reward_mean": [r["reward_mean"] for r in timed], "process_wall_s": wall,
+            "logprob_diff": [r.get("rollout_logprob_diff_mean", float("nan")) for r in timed],
             "peak_memory_mb": max(r["peak_memory_mb"] for r in records)}
 
 
@@ -200,18 +215,29 @@ def check_same_prompts(model_dir: str, prompts: str) -> bool:
     return True
 
 
-def measure(model_dir: str, cfg: dict) -> dict:
+ROLLOUT_KEYS = ("rollout_dtype", "rollout_quantization")  # ours only: TRL's run for the same settings is reused
+
+
+def measure(model_dir: str, cfg: dict, trl_runs: dict | None = None) -> dict:
+    trl_runs = {} if trl_runs is None else trl_runs
+    trl_key = json.dumps({k: v for k, v in cfg.items() if k not in ROLLOUT_KEYS}, sort_keys=True)
     work = tempfile.mkdtemp(prefix="grpo_bench_")
     try:
         ours_file, trl_file = write_prompts(work, cfg)
         same = check_same_prompts(model_dir, ours_file)
         ours = run_ours(model_dir, ours_file, work, cfg)
-        trl = run_trl(model_dir, trl_file, work, cfg)
+        if trl_key not in trl_runs:
+            trl_runs[trl_key] = run_trl(model_dir, trl_file, work, cfg)
+        trl = trl_runs[trl_key]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     row = {"benchmark": "grpo_step", "model": "SmolLM2-135M-Instruct", "dtype": cfg["dtype"], "mp": 1,
            **{k: cfg[k] for k in ("prompts", "group", "new_tokens", "steps", "beta", "loss_type", "temperature",
                                   "top_p", "top_k", "lr")}, "lora_rank": cfg.get("lora_rank", 0),
+           "rollout_dtype": cfg.get("rollout_dtype") or cfg["dtype"],
+           "rollout_quantization": cfg.get("rollout_quantization") or "none",
+           "llama_rlhf_logprob_diff_mean": statistics.mean(ours["logprob_diff"]),
+           "threads": os.environ.get("LLAMA_RLHF_NUM_THREADS", "default"),
            "llama_rlhf_peak_memory_mb": ours["peak_memory_mb"], "trl_peak_memory_mb": trl["peak_memory_mb"],
            "sequences_per_step": cfg["prompts"] * cfg["group"], "same_prompt_ids": same,
            "llama_rlhf_step_s": _stats(ours["step_s"]), "trl_step_s": _stats(trl["step_s"]),
@@ -228,18 +254,26 @@ def run(quick: bool = False) -> list[dict]:
     sys.path.insert(0, ROOT)
     from tools.fetch_smollm2 import ensure_smollm2
     model_dir = ensure_smollm2()
-    return [measure(model_dir, cfg) for cfg in settings(quick)]
+    trl_runs: dict = {}
+    return [measure(model_dir, cfg, trl_runs) for cfg in settings(quick)]
 
 
 def format_table(rows: list[dict]) -> str:
     span = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"  # noqa: E731
-    lines = [f"{'prompts x G':>11} {'new':>4} {'beta':>5} {'ours step s':>19} {'TRL step s':>19} {'speedup':>8} "
-             f"{'ours rollout s':>19} {'TRL rollout s':>19} {'completion len ours/TRL':>24}"]
+    lines = [f"{'prompts x G':>11} {'new':>4} {'beta':>5} {'rollouts':>14} {'ours step s':>19} {'TRL step s':>19} "
+             f"{'speedup':>8} {'ours rollout s':>19} {'TRL rollout s':>19} {'completion len ours/TRL':>24} "
+             f"{'|dlogp|':>8}"]
     for r in rows:
-        lines.append(f"{r['prompts']:>5} x {r['group']:<3} {r['new_tokens']:>4} {r['beta']:>5} "
+        rollouts = r.get("rollout_dtype", r["dtype"]).replace("bfloat", "bf").replace("float", "fp")
+        if r.get("rollout_quantization", "none") != "none":
+            rollouts += "+" + r["rollout_quantization"]
+        if r.get("lora_rank"):
+            rollouts += f" lora{r['lora_rank']}"
+        lines.append(f"{r['prompts']:>5} x {r['group']:<3} {r['new_tokens']:>4} {r['beta']:>5} {rollouts:>14} "
                      f"{span(r['llama_rlhf_step_s']):>19} {span(r['trl_step_s']):>19} {r['speedup_vs_trl']:>7.2f}x "
                      f"{span(r['llama_rlhf_rollout_s']):>19} {span(r['trl_rollout_s']):>19} "
-                     f"{r['llama_rlhf_completion_len']:>15.1f} / {r['trl_completion_len']:<6.1f}")
+                     f"{r['llama_rlhf_completion_len']:>15.1f} / {r['trl_completion_len']:<6.1f} "
+                     f"{r.get('llama_rlhf_logprob_diff_mean', float('nan')):>8.4f}")
     lines.append("(seconds per step, median (min-max) over the timed steps; the first step of each side is warm-up)")
     return "\n".join(lines)
 
@@ -247,8 +281,11 @@ def format_table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 prompts x 4 samples x 24 new tokens, 3 timed steps")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both sides (0: as the environment)")
     p.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:  # TRL reads OMP_NUM_THREADS; our ranks set their own count unless LLAMA_RLHF_NUM_THREADS says
+        os.environ["OMP_NUM_THREADS"] = os.environ["LLAMA_RLHF_NUM_THREADS"] = str(args.threads)
     if args.trl_worker:
         trl_worker(json.loads(args.trl_worker))
         return

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # order matters: mfu reuses train_step's rows (same run), and the long ones come last
 BENCHMARKS = ("train_step", "mfu", "model_size", "memory", "generate", "ring_attention", "load", "comm", "lora",
-              "data", "grpo_step")
+              "data", "grpo_step", "dpo_step")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,11 +294,20 @@ def summarize_comm(rows):
     return out
 
 
+def rollout_precision_label(r) -> str:
+    """", rollouts bfloat16+int8" for rows whose rollouts ran in another precision than the trainer (else "")."""
+    dtype, quant = r.get("rollout_dtype", r["dtype"]), r.get("rollout_quantization", "none")
+    if dtype == r["dtype"] and quant == "none":
+        return ""
+    return f", rollouts {dtype}" + (f"+{quant}" if quant != "none" else "")
+
+
 def summarize_grpo_step(rows):
     out = []
     for r in rows:
         config = (f"GRPO {r['prompts']} prompts x {r['group']}, {r['new_tokens']} new tokens, beta {r['beta']}, "
-                  f"{r['dtype']}" + (f", LoRA r={r['lora_rank']}" if r.get("lora_rank") else ""))
+                  f"{r['dtype']}" + (f", LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")
+                  + rollout_precision_label(r))
         out.append(line("grpo_step", config, "step s", r["llama_rlhf_step_s"], r["trl_step_s"], "TRL GRPOTrainer",
                         r["speedup_vs_trl"], "faster", 2))
         out.append(line("grpo_step", config, "rollout s", r["llama_rlhf_rollout_s"], r["trl_rollout_s"],
@@ -310,6 +319,17 @@ def summarize_grpo_step(rows):
             out.append(line("grpo_step", config, "peak RSS MB/rank", r["llama_rlhf_peak_memory_mb"],
                             r["trl_peak_memory_mb"], "TRL GRPOTrainer",
                             r["llama_rlhf_peak_memory_mb"] / r["trl_peak_memory_mb"], "memory", 0))
+    return out
+
+
+def summarize_dpo_step(rows):
+    out = []
+    for r in rows:
+        config = f"DPO {r['pairs']} pairs/step, {r['loss_type']}, beta {r['beta']}, {r['dtype']}, reference precomputed"
+        out.append(line("dpo_step", config, "step s", r["llama_rlhf_step_s"], r["trl_step_s"], "TRL DPOTrainer",
+                        r["speedup_vs_trl"], "faster", 2))
+        out.append(line("dpo_step", config, "peak RSS MB/rank", r["llama_rlhf_peak_memory_mb"],
+                        r["trl_peak_memory_mb"], "TRL DPOTrainer", r["memory_vs_trl"], "memory", 0))
     return out
 
 
@@ -368,7 +388,7 @@ SUMMARIZERS = {"train_step": summarize_train_step, "memory": summarize_memory, "
                "generate": summarize_generate, "ring_attention": summarize_ring_attention,
                "ring_attention_sweep": lambda rows: summarize_ring_attention(rows, sweep=True),
                "load": summarize_load, "comm": summarize_comm, "lora": summarize_lora,
-               "grpo_step": summarize_grpo_step, "data": summarize_data}
+               "grpo_step": summarize_grpo_step, "dpo_step": summarize_dpo_step, "data": summarize_data}
 
 
 def summary_table(results: dict) -> list[dict]:
@@ -426,7 +446,7 @@ def evaluate_targets(results: dict) -> list[dict]:
     gen16 = next((r["speedup_vs_transformers"] for r in rows.get("generate", []) if r["batch"] == 16), None)
     load3 = next((r for r in rows.get("load", []) if r["impl"] == "llama_rlhf" and r["mp"] == 3
                   and r["status"] == "ok"), None)
-    grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0]
+    grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0 and not rollout_precision_label(r)]
     zero_bf16 = [r for r in rows.get("memory", []) if r.get("kind") != "mfu" and r["zero_stage"] == 1]
     data = [r for r in rows.get("data", []) if r["samples"] >= 1_000_000]
     return [

@@ -5,13 +5,15 @@
 examples/data/sft_arithmetic.jsonl   instruction/output pairs: short word problems answered step by step,
                                      always ending "The answer is N." (a format the base chat model lacks)
 examples/data/grpo_arithmetic.jsonl  instruction/answer pairs for GRPO with the accuracy and format rewards
-examples/data/grpo_train.jsonl       the GRPO demo's task: "What is A + B?" for A, B in 1..12, answer A + B;
-examples/data/grpo_heldout.jsonl     the held-out split shares no operand pair with the train split (in either
-                                     order): HELDOUT_PAIRS of the 78 unordered pairs are kept out of training
 examples/data/prompts.jsonl          a few prompts for solver_generate.py
 examples/data/dpo_arithmetic.jsonl   preference pairs: the worked answer (chosen) against the same steps ending
                                      in a wrong number (rejected), in TRL's three shapes (instruction + strings,
                                      prompt + assistant messages, conversations sharing their user turn)
+examples/data/dpo_arithmetic_heldout.jsonl  60 more pairs of the same kind on questions none of the training
+                                     pairs ask (the demo's --eval_file)
+examples/data/grpo_train.jsonl       the GRPO demo's task: "What is A + B?" for A, B in 1..12, answer A + B;
+examples/data/grpo_heldout.jsonl     the held-out split shares no operand pair with the train split (in either
+                                     order): HELDOUT_PAIRS of the 78 unordered pairs are kept out of training
 """
 import json
 import os
@@ -44,6 +46,7 @@ def word_problem(rng: random.Random) -> tuple[str, str, int]:
 
 ADD_RANGE = range(1, 13)
 HELDOUT_PAIRS = 24
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def addition_splits(rng: random.Random) -> tuple[list[dict], list[dict]]:
@@ -64,9 +67,6 @@ def write_jsonl(path: str, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-
-
 def main(here: str = DATA_DIR):
     """Write every demo file into ``here`` (default examples/data)."""
     os.makedirs(here, exist_ok=True)
@@ -85,26 +85,46 @@ def main(here: str = DATA_DIR):
             q, _, n = word_problem(rng)
             f.write(json.dumps({"instruction": q, "answer": str(n)}) + "\n")
 
-    rng = random.Random(2025)
-    with open(os.path.join(here, "dpo_arithmetic.jsonl"), "w", encoding="utf-8") as f:
-        for i in range(300):
-            q, worked, n = word_problem(rng)
-            wrong = n + rng.choice([-3, -2, -1, 1, 2, 3, 10])
-            bad = worked.replace(f"= {n}. The answer is {n}.", f"= {wrong}. The answer is {wrong}.")
-            user = [{"role": "user", "content": q}]
-            if i % 3 == 0:
-                record = {"instruction": q, "chosen": worked, "rejected": bad}
-            elif i % 3 == 1:
-                record = {"prompt": user, "chosen": [{"role": "assistant", "content": worked}],
-                          "rejected": [{"role": "assistant", "content": bad}]}
-            else:
-                record = {"chosen": user + [{"role": "assistant", "content": worked}],
-                          "rejected": user + [{"role": "assistant", "content": bad}]}
-            f.write(json.dumps(record) + "\n")
+    write_dpo(here)
 
     train, heldout = addition_splits(random.Random(2026))
     write_jsonl(os.path.join(here, "grpo_train.jsonl"), train)
     write_jsonl(os.path.join(here, "grpo_heldout.jsonl"), heldout)
+
+
+def dpo_record(i: int, rng: random.Random, q: str, worked: str, n: int) -> dict:
+    """Pair i: the worked answer against the same steps ending in a wrong number, in shape i % 3."""
+    wrong = n + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    bad = worked.replace(f"= {n}. The answer is {n}.", f"= {wrong}. The answer is {wrong}.")
+    user = [{"role": "user", "content": q}]
+    if i % 3 == 0:
+        return {"instruction": q, "chosen": worked, "rejected": bad}
+    if i % 3 == 1:
+        return {"prompt": user, "chosen": [{"role": "assistant", "content": worked}],
+                "rejected": [{"role": "assistant", "content": bad}]}
+    return {"chosen": user + [{"role": "assistant", "content": worked}],
+            "rejected": user + [{"role": "assistant", "content": bad}]}
+
+
+def write_dpo(here: str) -> None:
+    """dpo_arithmetic.jsonl (300 training pairs) and dpo_arithmetic_heldout.jsonl (60 pairs whose questions are
+    none of the training questions, for --eval_file)."""
+    rng = random.Random(2025)
+    seen = set()
+    with open(os.path.join(here, "dpo_arithmetic.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(300):
+            q, worked, n = word_problem(rng)
+            seen.add(q)
+            f.write(json.dumps(dpo_record(i, rng, q, worked, n)) + "\n")
+    rng, i = random.Random(2026), 0
+    with open(os.path.join(here, "dpo_arithmetic_heldout.jsonl"), "w", encoding="utf-8") as f:
+        while i < 60:
+            q, worked, n = word_problem(rng)
+            if q in seen:
+                continue
+            seen.add(q)
+            f.write(json.dumps(dpo_record(i, rng, q, worked, n)) + "\n")
+            i += 1
 
 
 if __name__ == "__main__":

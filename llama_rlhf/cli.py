@@ -197,6 +197,15 @@ def check_numbers(args) -> None:
             raise UsageError(f"--{name} {value} is not valid: it must be {rule}")
 
 
+def check_training_flags(args) -> None:
+    """check_numbers, then the counts every trainer (SFT, preference) needs to be at least 1."""
+    from .runtime import UsageError
+    check_numbers(args)
+    for name in ("max_batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "log_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+
 @dataclass(frozen=True)
 class LlamaRlhfFlag:
     """A flag of Llama-RLHF's solvers that is not a flag here, and what to do instead (README, "Coming from

@@ -20,6 +20,10 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
 - GRPO: the frozen reference (--beta > 0, no LoRA) in the compute dtype, the rollouts' KV cache (rows x
   (max_seq_len + max(32, max_seq_len / 4)) slots, as solver_grpo allocates it), the fp32 logits and the entropy
   temporaries of one row chunk of the update (1 GiB of fp32 logits; chunks are recomputed in backward).
+  --rollout_dtype / --rollout_quantization int8: the rollout copy (inference/rollout_model.py), held all run:
+  every tensor not already in the rollout dtype converted (int8 decoder linears: 1 byte per weight + a 4-byte
+  scale per output row of this rank's slice); tensors the policy holds in that form are shared (0 bytes). The
+  KV cache is then in the rollout dtype.
 - Setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves the parameters bucket by
   bucket into their new buffers, so the loaded fp32 copy of one bucket is all it holds beyond the training state.
   A 16-bit model (the LoRA base, the GRPO reference) is built in fp32 and cast tensor by tensor.
@@ -182,6 +186,31 @@ class Job:
     lora_target_modules: tuple = LORA_TARGETS
     lora_dropout: float = 0.0
     quantize_base: str | None = None  # "int8" | "nf4": the decoder linears of the frozen base (models/quant.py)
+    rollout_dtype: str | None = None  # GRPO: the rollout copy's dtype (inference/rollout_model.py)
+    rollout_quantization: str | None = None  # GRPO: "int8" decoder linears in the rollout copy
+
+
+CANONICAL_DTYPE = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                   "float16": "float16", "fp16": "float16"}
+
+
+def rollout_copy_bytes(cfg: ModelConfig, mp: int, job: "Job", source_dtype: str) -> int:
+    """Bytes per rank of GRPO's rollout copy (0 without one) of a policy whose tensors are held in
+    ``source_dtype``; as inference/rollout_model.RolloutModel.nbytes counts them (tests/test_rollout_precision.py)."""
+    if job.job != "grpo" or (job.rollout_dtype is None and not job.rollout_quantization):
+        return 0
+    r = CANONICAL_DTYPE[job.rollout_dtype or "float32"]
+    same = r == CANONICAL_DTYPE[source_dtype]
+    counts = parameter_counts(cfg, mp)
+    decoder = counts["matmul"] - (0 if counts["tied"] else counts["embedding"])
+    rest = counts["total"] - decoder
+    converted_rest = 0 if same else rest * DTYPE_BYTES[r]
+    if job.rollout_quantization == "int8":
+        rows = sum(o for _, o, _ in linear_shapes(cfg, mp).values()) * cfg.num_layers
+        return decoder + 4 * rows + converted_rest
+    if same or (job.lora_rank > 0 and job.quantize_base):  # sampled as held / the quantized base is shared
+        return converted_rest
+    return counts["total"] * DTYPE_BYTES[r]
 
 
 def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0,
@@ -218,6 +247,8 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
     else:
         parts["optimizer"] = flat / n * (8 + (4 if held == 2 else 0))
     parts["autocast_copies"] = casts * 2
+    source_dtype = job.dtype if (lora or held == 2) else "float32"  # what the policy's tensors are held in
+    parts["rollout_copy"] = rollout_copy_bytes(cfg, mp, job, source_dtype)
     persistent = sum(parts.values())
 
     # training forward/backward of one micro-batch
@@ -276,7 +307,8 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
         kv_heads = linear_shapes(cfg, mp)["k_proj"][1] // cfg.head_dim
         decode_rows = job.rollout_batch_size or job.max_batch_size * job.num_samples_per_prompt
         capacity = job.max_seq_len + max(32, job.max_seq_len // 4)
-        kv_cache = 2 * cfg.num_layers * decode_rows * kv_heads * capacity * cfg.head_dim * c
+        kv_bytes = DTYPE_BYTES[job.rollout_dtype or "float32"] if parts["rollout_copy"] else c
+        kv_cache = 2 * cfg.num_layers * decode_rows * kv_heads * capacity * cfg.head_dim * kv_bytes
         parts["kv_cache"] = kv_cache
         prompt_tokens = min(PREFILL_TOKENS, job.max_batch_size * max(1, job.max_seq_len - job.max_new_tokens))
         fl = linear_shapes(cfg, mp)["gate_proj"][1]
@@ -404,6 +436,10 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="GRPO KL weight (> 0 keeps a reference model)")
     p.add_argument("--rollout_batch_size", type=int, default=0, help="GRPO: sequences decoded together (0: all)")
     p.add_argument("--train_batch_size", type=int, default=0, help="GRPO: sequences per forward/backward (0: all)")
+    p.add_argument("--rollout_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="GRPO: the rollout copy's dtype (solver_grpo.py)")
+    p.add_argument("--rollout_quantization", default="none", choices=("none", "int8"),
+                   help="GRPO: int8 decoder linears in the rollout copy")
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora_target_modules", default="all-linear")
     p.add_argument("--lora_dropout", type=float, default=0.0)
@@ -434,9 +470,13 @@ def _job(args) -> Job:
     quantize = None if args.quantize_base in (None, "none") else args.quantize_base
     if quantize and args.lora_rank < 1:
         raise PlanError(f"--quantize_base {quantize} quantizes a frozen base: it needs --lora_rank")
+    rollout_quant = None if args.rollout_quantization in (None, "none") else args.rollout_quantization
+    if rollout_quant and quantize:
+        raise PlanError(f"--rollout_quantization {rollout_quant} with --quantize_base {quantize}: the base is already "
+                        "quantized and rollouts sample from it; drop one")
     return Job(args.job, args.dtype, args.max_seq_len, args.max_batch_size, args.num_samples_per_prompt,
                args.max_new_tokens, args.beta, args.rollout_batch_size, args.train_batch_size, args.lora_rank,
-               targets, args.lora_dropout, quantize)
+               targets, args.lora_dropout, quantize, args.rollout_dtype, rollout_quant)
 
 
 def main(argv=None) -> int:

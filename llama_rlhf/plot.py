@@ -2,7 +2,10 @@
 
 SFT runs: loss (and eval loss), learning rate, gradient norm, tokens per second. GRPO runs: mean reward and the
 reward per function, KL, clip fraction, completion length, and the evaluation scores (eval/mean@n, eval/pass@k,
-eval/maj@n) when the run had --eval_file. matplotlib is needed only here (an optional import).
+eval/maj@n) when the run had --eval_file. Preference (DPO) runs: loss, implicit rewards of the chosen and rejected
+responses, their margin, preference accuracy (chosen reward > rejected), response log-probs and the gradient norm,
+each with its --eval_file counterpart (eval_*) where the run evaluated. matplotlib is needed only here (an
+optional import).
 """
 from __future__ import annotations
 
@@ -21,8 +24,16 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
 
 
 def panels(records: list[dict]) -> tuple[str, list[tuple[str, list[str]]]]:
-    """The run's kind (sft or grpo) and its panels as (title, metric keys)."""
+    """The run's kind (sft, grpo or dpo) and its panels as (title, metric keys)."""
     keys = list(dict.fromkeys(k for r in records for k in r))
+    if "rewards/margins" in keys:
+        both = lambda *names: [p + n for n in names for p in ("", "eval_")]  # noqa: E731
+        return "dpo", [("loss", both("loss")), ("rewards (beta x log-ratio to the reference)",
+                                                 both("rewards/chosen", "rewards/rejected")),
+                       ("reward margin (chosen - rejected)", both("rewards/margins")),
+                       ("preference accuracy (chosen reward > rejected)", both("rewards/accuracies")),
+                       ("response log-probs", both("logps/chosen", "logps/rejected")),
+                       ("gradient norm", ["grad_norm"])]
     if "reward_mean" in keys:
         evals = [k for k in keys if k.startswith("eval/") and k.split("/", 1)[1].split("@")[0] in ("mean", "pass", "maj")]
         out = [("reward", ["reward_mean"] + [k for k in keys if k.startswith("reward/")]),

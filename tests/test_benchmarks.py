@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks import comm, grpo_step, load, mfu, run
+from benchmarks import comm, dpo_step, grpo_step, load, mfu, run
 from tests.distributed import assert_check, grid, run_checks
 
 
@@ -130,6 +130,25 @@ def test_grpo_prompt_files_follow_our_epoch_order(tmp_path):
     assert b == [a[i] for i in epoch_order(n, grpo_step.SEED, 0)]
 
 
+def test_dpo_pair_files_follow_our_epoch_order(tmp_path):
+    from llama_rlhf.data import epoch_order
+    cfg = dpo_step.settings(quick=True)[0]
+    ours, theirs = dpo_step.write_pairs(str(tmp_path), cfg)
+    read = lambda path: [json.loads(x) for x in open(path, encoding="utf-8")]  # noqa: E731
+    a, b = read(ours), read(theirs)
+    n = cfg["pairs"] * (cfg["steps"] + 1)
+    assert len(a) == len(b) == n
+    assert b == [a[i] for i in epoch_order(n, dpo_step.SEED, 0)]
+    with open(dpo_step.DATA, encoding="utf-8") as f:
+        first = [json.loads(line) for line in f][:3]  # one record of each shape, as TRL conversational records
+    user = lambda r: [{"role": "user", "content": r}]  # noqa: E731
+    reply = lambda r: [{"role": "assistant", "content": r}]  # noqa: E731
+    assert a[0] == {"prompt": user(first[0]["instruction"]), "chosen": reply(first[0]["chosen"]),
+                    "rejected": reply(first[0]["rejected"])}
+    assert a[1] == first[1] and a[2]["prompt"] == first[2]["chosen"][:-1]
+    assert a[2]["chosen"] == first[2]["chosen"][-1:] and a[2]["rejected"] == first[2]["rejected"][-1:]
+
+
 # --------------------------------------------------------------------------------------------------------
 # results writer
 # --------------------------------------------------------------------------------------------------------
@@ -181,6 +200,11 @@ def fake_results() -> dict:
              "llama_rlhf_step_s": s(5.0), "trl_step_s": s(8.0), "llama_rlhf_rollout_s": s(1.0),
              "trl_rollout_s": s(2.0), "llama_rlhf_completion_len": 22.0, "trl_completion_len": 23.0,
              "speedup_vs_trl": 1.6}]
+    dpo = [{"pairs": 8, "steps": 4, "loss_type": "sigmoid", "beta": 0.1, "dtype": "float32",
+            "llama_rlhf_step_s": s(4.0), "trl_step_s": s(6.0), "speedup_vs_trl": 1.5,
+            "llama_rlhf_peak_memory_mb": 2400.0, "trl_peak_memory_mb": 3000.0, "memory_vs_trl": 0.8,
+            "tokens_per_step": 1300.0, "same_input_ids": True, "llama_rlhf_trained_tokens": 220,
+            "trl_trained_tokens": 228, "llama_rlhf_first_loss": 0.6931, "trl_first_loss": 0.6931}]
     size = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 704, "params_m": 17.6}
     model_size = [dict(train[0], **size),
                   dict(train[1], **size, speedup_vs_transformers=1.9, rss_ratio_vs_transformers=0.9)]
@@ -205,7 +229,7 @@ def fake_results() -> dict:
     return {"data": entry(data), "train_step": entry(train), "mfu": entry(mfu_rows), "model_size": entry(model_size),
             "memory": entry(memory), "generate": entry(generate),
             "ring_attention": entry(ring), "ring_attention_sweep": entry(sweep), "load": entry(load_rows),
-            "comm": entry(comm_rows), "grpo_step": entry(grpo), "lora": entry(lora),
+            "comm": entry(comm_rows), "grpo_step": entry(grpo), "dpo_step": entry(dpo), "lora": entry(lora),
             "broken": {"rows": [], "seconds": 0.1, "load_before": [0, 0, 0], "load_after": [0, 0, 0],
                        "error": "RuntimeError: boom"}}
 
@@ -249,6 +273,12 @@ def test_results_writer(tmp_path):
     assert any(r["ours"] == "refused" and "9" in r["configuration"] for r in by("train_step", "tokens/s"))
     (grpo,) = by("grpo_step", "step s")
     assert grpo["ratio"] == 1.6 and grpo["ratio_kind"] == "faster"
+    (dpo_time,) = by("dpo_step", "step s")
+    assert dpo_time["ratio"] == 1.5 and dpo_time["competitor"]["median"] == 6.0
+    assert "DPOTrainer" in dpo_time["competitor_name"]
+    (dpo_mem,) = by("dpo_step", "peak RSS MB/rank")
+    assert dpo_mem["ours"] == 2400.0 and dpo_mem["ratio"] == 0.8 and dpo_mem["ratio_kind"] == "memory"
+    assert "220 / 228" in dpo_step.format_table(results["dpo_step"]["rows"])
     assert by("comm", "all-reduce calls")[0]["ratio"] == 1.0
     (lora_tps,) = by("lora", "tokens/s")
     assert lora_tps["ratio"] == 2.0 and lora_tps["competitor"]["median"] == 256.0 and "PEFT" in lora_tps["competitor_name"]

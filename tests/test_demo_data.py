@@ -13,6 +13,7 @@ from llama_rlhf.rewards import build_rewards, last_number, last_number_reward
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "examples", "data")
 FILES = ("sft_arithmetic.jsonl", "grpo_arithmetic.jsonl", "prompts.jsonl", "dpo_arithmetic.jsonl",
+         "dpo_arithmetic_heldout.jsonl",
          "grpo_train.jsonl", "grpo_heldout.jsonl")
 SUM = re.compile(r"^What is (\d+) \+ (\d+)\?$")
 

@@ -300,7 +300,10 @@ def test_accuracy_rises_and_resume_is_exact(tiny_model, tmp_path):
                     "--eval_file", str(data), "--eval_steps", "10")
     proc = torchrun("solver_dpo.py", args, nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = metrics(out)
+    before, *seen = metrics(out)
+    # step 0: the held-out evaluation before any update (the policy is its reference: margins 0, loss log 2)
+    assert before["step"] == 0 and before["eval_rewards/accuracies"] == 0.0, before
+    assert before["eval_rewards/margins"] == 0.0 and abs(before["eval_loss"] - math.log(2)) < 1e-6, before
     assert len(seen) == 10 and all(k in seen[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
                                                           "rewards/accuracies", "logps/chosen", "logps/rejected"))
     # the policy starts as its own reference: every margin is 0, the loss log 2
@@ -316,8 +319,8 @@ def test_accuracy_rises_and_resume_is_exact(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "reference log-probs of" not in proc.stdout  # table read back
     resumed = metrics(again)
-    assert [m["step"] for m in resumed] == list(range(1, 11))
-    for a, b in zip(seen[8:], resumed[8:]):
+    assert [m["step"] for m in resumed] == list(range(0, 11))  # no second step-0 evaluation on resume
+    for a, b in zip(seen[8:], resumed[9:]):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-6, (a, b)
     w1 = load_file(os.path.join(out, "checkpoint-10", "model.safetensors"))
     w2 = load_file(os.path.join(again, "checkpoint-10", "model.safetensors"))
@@ -360,3 +363,48 @@ def test_lora_reference_is_the_adapters_off_model(tiny_model, tmp_path):
     again = np.load(table_file, allow_pickle=False)
     assert np.abs(again - first).max() < 1e-4, (first, again)
     assert abs(metrics(out)[-1]["loss"] - seen[-1]["loss"]) < 1e-5
+
+
+# ---- the demo's data and plot ------------------------------------------------------------------------------------
+
+def question(record: dict) -> str:
+    """The user turn of a demo pair in any of its three shapes."""
+    if "instruction" in record:
+        return record["instruction"]
+    turns = record["prompt"] if "prompt" in record else record["chosen"][:-1]
+    (user,) = [t["content"] for t in turns if t["role"] == "user"]
+    return user
+
+
+def test_demo_held_out_pairs_are_disjoint_from_training():
+    read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]  # noqa: E731
+    train, held = read(DATA), read(DATA.replace(".jsonl", "_heldout.jsonl"))
+    assert len(train) == 300 and len(held) == 60
+    train_q, held_q = {question(r) for r in train}, [question(r) for r in held]
+    assert len(set(held_q)) == 60 and not train_q & set(held_q)
+    shapes = {("instruction" in r, "prompt" in r) for r in held}
+    assert shapes == {(True, False), (False, True), (False, False)}  # all three record shapes
+    for r in held:
+        assert r["chosen"] != r["rejected"]
+
+
+def test_plot_draws_dpo_metrics(tmp_path):
+    import matplotlib.image
+
+    from llama_rlhf.plot import panels, plot_run
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected")
+    evals = lambda s: {f"eval_{k}": 0.1 * s for k in keys}  # noqa: E731
+    records = [{"step": 0, **evals(0)}] + [{"step": s, **{k: 0.2 * s for k in keys}, "grad_norm": 1.0 / s,
+                                            **(evals(s) if s % 2 == 0 else {})} for s in range(1, 5)]
+    kind, chosen = panels(records)
+    titles = dict(chosen)
+    assert kind == "dpo" and len(chosen) == 6
+    assert titles["preference accuracy (chosen reward > rejected)"] == ["rewards/accuracies",
+                                                                        "eval_rewards/accuracies"]
+    assert titles["reward margin (chosen - rejected)"] == ["rewards/margins", "eval_rewards/margins"]
+    assert titles["rewards (beta x log-ratio to the reference)"] == [
+        "rewards/chosen", "eval_rewards/chosen", "rewards/rejected", "eval_rewards/rejected"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    image = matplotlib.image.imread(plot_run(str(tmp_path)))
+    assert image.shape[0] > 600 and image.shape[1] > 600 and image.std() > 0.01  # 3 x 2 panels, drawn

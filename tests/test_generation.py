@@ -234,6 +234,8 @@ def test_smollm2_greedy_matches_transformers_mp1(smollm2_case):
         assert [a[0].token_ids for a in alone] == [b[0].token_ids for b in batched], "batch != each prompt alone"
         compare_with_reference(generate(model, ref["prompts"], params, end_ids, ps, max_batch_size=2), ref,
                                "MP=1, two rows (continuous batching)")
+        compare_with_reference(generate(model, ref["prompts"], params, end_ids, ps, max_batch_size=len(ref["prompts"]),
+                                        pack_weights=False), ref, "MP=1, unpacked weights")
 
 
 def check_smollm2_mp3(case_file):
@@ -360,8 +362,11 @@ def check_family(cases_file, name):
     stats = engine.stats
     assert stats["shifts_left"] and stats["shifts_right"] and stats["row_moves"], stats
     one_batch = generate(model, prompts, GREEDY, (), ps, max_batch_size=len(prompts), max_seq_len=FAMILY_MAX_SEQ)
+    eager = generate(model, prompts, GREEDY, (), ps, max_batch_size=len(prompts), max_seq_len=FAMILY_MAX_SEQ,
+                     pack_weights=False)  # plain F.linear: the packed default must pick the same tokens
     for i, want in enumerate(case["tokens"]):
-        for results, what in ((one_batch, "one batch"), (squeezed, "two rows, one-slot slack")):
+        for results, what in ((one_batch, "one batch"), (squeezed, "two rows, one-slot slack"),
+                              (eager, "unpacked weights")):
             got = results[i][0]
             assert got.token_ids == want, f"{name} MP=2 {what}, prompt {i}: {first_difference(got.token_ids, want)}"
             assert got.finish_reason == "length"
@@ -392,6 +397,12 @@ def check_sampling(cases_file):
             assert [t for t, _ in alt[j]] == [t for t, _ in first[i]], f"prompt {i}: samples depend on the layout"
     out = generate(model, prompts, params, (), ps, max_batch_size=8, max_seq_len=FAMILY_MAX_SEQ, seed=5)
     assert_same_on_mp_ranks(out, ps)
+    eager = generate(model, prompts, params, (), ps, max_batch_size=8, max_seq_len=FAMILY_MAX_SEQ, seed=5,
+                     prompt_keys=list(range(len(prompts))), pack_weights=False)
+    for i, (packed_row, eager_row) in enumerate(zip(first, eager)):
+        assert [t for t, _ in packed_row] == [c.token_ids for c in eager_row], f"prompt {i}: packed != unpacked"
+        d = max(abs(a - b) for (_, lp), c in zip(packed_row, eager_row) for a, b in zip(lp, c.logprobs))
+        assert d < 1e-5, f"prompt {i}: sampled log-probs of packed and unpacked weights differ by {d:.2e}"
 
 
 def check_temperature_to_zero_is_greedy(cases_file):

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..parallel.cpu_allocator import keep_freed_memory
 from ..runtime import autocast
+from .packed import packed_weights
 from .sampling import SamplingParams, next_tokens
 
 
@@ -108,7 +110,8 @@ class Generator:
 
     def __init__(self, model, prompts, params: SamplingParams, end_ids, ps, max_batch_size: int,
                  max_seq_len: int | None, seed: int, prompt_keys, compute_dtype, progress, progress_every,
-                 cache_slack: int | None = None, prefill_tokens: int = PREFILL_TOKENS):
+                 cache_slack: int | None = None, prefill_tokens: int = PREFILL_TOKENS,
+                 pack_weights: bool = True):
         self.model, self.prompts, self.params, self.ps = model, prompts, params, ps
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.seed = seed
@@ -133,6 +136,7 @@ class Generator:
         if self.capacity <= self.max_row_len:
             raise ValueError("cache_slack must be >= 1")
         self.prefill_tokens = prefill_tokens
+        self.packed = pack_weights
         kv_heads, head_dim = _kv_layout(model)
         self.cache = KVCache(model.cfg.num_layers, self.rows, kv_heads, head_dim, self.capacity, self.dtype,
                              ps.device)
@@ -147,8 +151,10 @@ class Generator:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[list[Completion]]:
+        keep_freed_memory(self.ps.device)  # CPU: each step's logits and packed copies reuse freed heap, no page faults
         # one autocast region for the whole run: it keeps its low-precision copy of each weight across steps
-        with autocast(self.autocast_dtype, self.ps.device):
+        with autocast(self.autocast_dtype, self.ps.device), packed_weights(self.model, self.dtype, self.rows,
+                                                                           self.packed):
             while self.waiting or self.active:
                 if self.waiting and len(self.active) < self.rows:
                     self.admit()
@@ -279,7 +285,7 @@ class Generator:
 def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, ps, max_batch_size: int = 16,
              max_seq_len: int | None = None, seed: int = 0, prompt_keys: list[int] | None = None,
              compute_dtype: torch.dtype | None = None, progress=None,
-             progress_every: float = 10.0) -> list[list[Completion]]:
+             progress_every: float = 10.0, pack_weights: bool = True) -> list[list[Completion]]:
     """Generate ``params.num_samples`` completions for each prompt (token ids, no padding).
 
     Returns, in input order, a list of completions per prompt. ``max_batch_size`` sequences decode together
@@ -289,13 +295,15 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, p
     name each prompt's random stream together with ``seed``: pass global indices when prompts are split over
     data-parallel ranks, and a new seed for each round of GRPO rollouts. ``compute_dtype`` other than the
     weights' runs under autocast; the cache has the compute dtype. ``progress(done_prompts, total_prompts,
-    new_tokens, seconds)`` is called every ``progress_every`` seconds and at the end.
+    new_tokens, seconds)`` is called every ``progress_every`` seconds and at the end. ``pack_weights``: on CPU,
+    run every GEMM on oneDNN-prepacked copies of the weights (``inference/packed.py``; one extra copy of the
+    weights in memory during the call); False keeps plain ``F.linear``.
     Every MP rank of the model must call this with the same arguments.
     """
     was_training = model.training
     model.eval()
     try:
         return Generator(model, prompts, params, end_ids, ps, max_batch_size, max_seq_len, seed, prompt_keys,
-                         compute_dtype, progress, progress_every).run()
+                         compute_dtype, progress, progress_every, pack_weights=pack_weights).run()
     finally:
         model.train(was_training)

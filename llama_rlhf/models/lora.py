@@ -83,6 +83,8 @@ def base_linear(layer: nn.Module, x: torch.Tensor, bias=None) -> torch.Tensor:
     quant = getattr(layer, "quant", None)
     if quant is None:
         return F.linear(x, layer.weight, bias)
+    if not torch.is_grad_enabled():  # sampling, reference log-probs: no autograd graph to keep small
+        return quant.linear(x, bias)
     y = DequantLinear.apply(x, quant)
     return y if bias is None else y + bias
 

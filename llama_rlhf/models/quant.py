@@ -6,6 +6,10 @@ runs on CPU and CUDA alike). Storage per base parameter:
   0.5 + 4/64 = 0.5625 bytes (QLoRA's double quantization of the absmax is not done here).
 - int8: one signed byte per value, one fp32 absmax per row of this rank's slice: 1 + 4/in_local bytes.
 Round-trip error bounds: nf4 |w - q(w)| <= absmax_block * NF4_MAX_HALF_GAP; int8 <= absmax_row / 254.
+
+The same int8 form (per-output-channel scales) serves GRPO's int8 rollout copy (inference/rollout_model.py):
+``QuantizedWeight.linear`` is its weight-only matmul without autograd (a fused int8 kernel for 16-bit inputs
+where torch has one, else the dequantized weight), and ``requantize_`` rewrites the codes in place after an update.
 """
 from __future__ import annotations
 
@@ -52,6 +56,34 @@ class QuantizedWeight(nn.Module):
         idx = idx.view(-1, 2)
         return cls(kind, w.shape, (idx[:, 0] << 4) | idx[:, 1], absmax, shard)
 
+    @torch.no_grad()
+    def requantize_(self, w: torch.Tensor) -> None:
+        """int8: overwrite codes and scales in place with those of ``w`` (same shape; no new storage kept)."""
+        if self.kind != "int8" or tuple(w.shape) != self.shape:
+            raise ValueError(f"requantize_ needs an int8 weight of shape {self.shape}, got {self.kind} {tuple(w.shape)}")
+        w = w.detach().float()
+        torch.amax(w.abs(), dim=1, out=self.absmax)
+        self.absmax.clamp_(min=1e-12)
+        self.codes.copy_(torch.round(w / (self.absmax / 127).unsqueeze(1)).clamp_(-127, 127))
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) without autograd: [..., in] -> [..., out]. int8 with a 16-bit x uses torch's fused
+        weight-only kernel (``_weight_int8pack_mm``: int8 codes x per-row scales, accumulation in fp32); any
+        other case multiplies by the dequantized weight in x's dtype."""
+        if self.kind == "int8" and x.dtype in (torch.bfloat16, torch.float16) and _fused_int8(x.device.type):
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.codes, self.scales(x.dtype))
+            y = y.view(*x.shape[:-1], self.shape[0])
+        else:
+            y = torch.nn.functional.linear(x, self.dequantize(x.dtype))
+        return y if bias is None else y + bias
+
+    def scales(self, dtype: torch.dtype) -> torch.Tensor:
+        """int8: the per-row scale absmax / 127 in ``dtype`` (kept once per dtype until the next requantize_)."""
+        key = (dtype, self.absmax._version)
+        if getattr(self, "_scales_key", None) != key:
+            self._scales, self._scales_key = (self.absmax / 127).to(dtype), key
+        return self._scales
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.kind == "int8":
             return (self.codes.float() * (self.absmax / 127).unsqueeze(1)).to(dtype)
@@ -63,6 +95,10 @@ class QuantizedWeight(nn.Module):
     @property
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.absmax.numel() * self.absmax.element_size()
+
+
+def _fused_int8(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and hasattr(torch, "_weight_int8pack_mm")
 
 
 def quantize_base(model: nn.Module, kind: str) -> dict:

@@ -151,6 +151,8 @@ class DecoderStack(nn.Module):
 class CausalLM(nn.Module):
     """Decoder + LM head. forward returns this rank's vocab slice of the logits: [B, S, V_padded / MP]."""
 
+    packed_head = None  # set only inside inference.packed.packed_weights: hidden -> logits on packed weights
+
     def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
         self.cfg, self.ps = cfg, ps
@@ -215,7 +217,9 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, S, h] -> vocab-parallel logits [B, S, V_padded / MP]; padded vocab entries are -inf."""
-        if self.cfg.tie_word_embeddings:
+        if self.packed_head is not None:  # generation on CPU: a prepacked copy of the tied head (inference/packed.py)
+            logits = self.packed_head(hidden)
+        elif self.cfg.tie_word_embeddings:
             logits = F.linear(copy_to_group(hidden, self.ps.mp_group), self.model.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)

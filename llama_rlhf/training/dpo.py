@@ -21,6 +21,7 @@ from ..parallel.comm import all_reduce
 from ..parallel.cross_entropy import IGNORE_INDEX
 from ..runtime import UsageError, log
 from .dpo_loss import PreferenceLoss, pair_losses, step_loss
+from .evaluation import due
 from .logprobs import global_sum, local_part, sequence_sum, token_logprobs
 from .setup import TrainingRun
 from .sft import format_eta
@@ -198,6 +199,12 @@ def train_dpo(args, ps, compute_dtype: torch.dtype) -> str:
                                "step_in_epoch": step % schedule.steps_per_epoch,
                                "global_batch": schedule.global_batch, "total_steps": total_steps})
 
+    evaluating = data.eval_pairs is not None and args.eval_steps > 0
+    if evaluating and start_step == 0:  # the "before" point: the policy is its reference, every margin is 0
+        before = evaluate(model, data.eval_pairs, eval_ref, cfg, ps, compute_dtype, tok.pad_id, args.max_batch_size)
+        run.metrics.write({"step": 0, **before})
+        log(f"step 0 | eval loss {before['eval_loss']:.4f} | eval accuracy {before['eval_rewards/accuracies']:.3f} "
+            f"| eval margin {before['eval_rewards/margins']:.4f}", ps)
     t0, pairs_done, skipped_total = time.time(), 0, 0
     for step in range(start_step, last_step):
         epoch, in_epoch = divmod(step, schedule.steps_per_epoch)
@@ -216,7 +223,7 @@ def train_dpo(args, ps, compute_dtype: torch.dtype) -> str:
         if skipped:
             log(f"step {step + 1}: non-finite loss or gradient (loss {metrics['loss']}, grad-norm {grad_norm}); "
                 f"update skipped ({skipped_total} so far)", ps)
-        if data.eval_pairs is not None and args.eval_steps and (step + 1) % args.eval_steps == 0:
+        if evaluating and due(step + 1, args.eval_steps, last_step):
             record.update(evaluate(model, data.eval_pairs, eval_ref, cfg, ps, compute_dtype, tok.pad_id,
                                    args.max_batch_size))
         run.metrics.write(record)

@@ -4,6 +4,13 @@ KL penalty to a frozen reference, on the same MP/SP/DP layout; one or several op
 
 Each DP rank owns whole groups (its prompts and all their samples); every completion is a ``Rollout`` that
 carries its own ids, rewards, advantage, old and reference log-probs from sampling to update, never re-sorted.
+
+Rollouts may come from a sampling copy of the policy in another precision (--rollout_dtype, --rollout_quantization
+int8: inference/rollout_model.py), refreshed after updates. The loss never sees the sampler's log-probs: with one
+update per rollout batch the old log-probs are the trainer's own current ones (detached: what a recompute before
+the update would give, at no cost), otherwise the trainer recomputes them before the first update. The
+sampler-trainer mismatch (mean and max |delta log p| per token, and a k3 estimate of KL(sampler || trainer)) is
+logged every step.
 """
 from __future__ import annotations
 
@@ -98,6 +105,8 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int, multiple: int, fields=("
                 batch["ref"][i, span] = r.ref_logprobs
             if "adv" in fields:
                 batch["adv"][i, span] = r.advantage
+            if "sampler" in fields and len(r.sampler_logprobs) == c:
+                batch["sampler"][i, span] = torch.tensor(r.sampler_logprobs, dtype=torch.float32)
     return batch
 
 
@@ -113,26 +122,50 @@ def completion_values(values: torch.Tensor, rollouts: list[Rollout], batch_len: 
     return out
 
 
-@dataclass
+STAT_NAMES = ("loss", "kl", "low_clip", "high_clip", "entropy", "tokens", "mismatch_abs", "mismatch_kl",
+              "mismatch_tokens")
+
+
 class UpdateStats:
-    loss: float = 0.0
-    kl: float = 0.0
-    low_clip: float = 0.0
-    high_clip: float = 0.0
-    entropy: float = 0.0
-    tokens: float = 0.0
+    """Metric sums of micro-batches, held as one float64 tensor on the device so that adding them up needs no host
+    sync (one per step, when the metrics are reduced); each name reads as a float. ``mismatch_max`` is a max."""
+
+    def __init__(self, device="cpu"):
+        self.values = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
+        self.mismatch_max = torch.zeros((), dtype=torch.float64, device=device)
+
+    def __iadd__(self, other: "UpdateStats") -> "UpdateStats":
+        self.values = self.values + other.values.to(self.values.device)
+        self.mismatch_max = torch.maximum(self.mismatch_max, other.mismatch_max.to(self.values.device))
+        return self
+
+    def __getattr__(self, name):
+        if name in STAT_NAMES:
+            return float(self.values[STAT_NAMES.index(name)])
+        raise AttributeError(name)
+
+
+def mismatch_sums(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sampler-trainer log-prob mismatch over the masked tokens: (sum |d|, sum of k3 = exp(d) - 1 - d, count,
+    max |d|) with d = log p_trainer - log p_sampler; k3's mean estimates KL(sampler || trainer) from the sampler's
+    own tokens. Float64 tensors; nothing leaves the device."""
+    d = (trainer.detach().double() - sampler.double()) * mask
+    k3 = (torch.expm1(d) - d) * mask
+    return d.abs().sum(), k3.sum(), mask.sum().double(), (d.abs() * mask).max() if d.numel() else d.new_zeros(())
 
 
 def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, compute_dtype, pad_id: int,
                   loss: LossConfig, global_sequences: int, global_tokens: float, global_micro_batches: int,
                   max_completion_length: int, mask_truncated: bool, on_policy: bool,
-                  loss_scale: float = 1.0) -> UpdateStats:
-    """Forward + backward of one micro-batch of rollouts; returns its (unnormalised) metric sums.
+                  loss_scale: float = 1.0, measure_mismatch: bool = False) -> UpdateStats:
+    """Forward + backward of one micro-batch of rollouts; returns its (unnormalised) metric sums, on the device.
 
-    ``on_policy`` (one update per rollout batch): the old log-probs are the current ones, detached.
-    The global counts are those of the optimizer step (see grpo_loss.token_weights).
+    ``on_policy`` (one update per rollout batch): the old log-probs are the trainer's current ones, detached
+    (never the sampler's). ``measure_mismatch``: also sum the sampler-trainer mismatch (``mismatch_sums``) of these
+    log-probs. The global counts are those of the optimizer step (see grpo_loss.token_weights).
     """
-    batch = rollout_batch(rollouts, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1)
+    fields = ("old", "ref", "adv") + (("sampler",) if measure_mismatch else ())
+    batch = rollout_batch(rollouts, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1, fields)
     mask = (batch["labels"] != IGNORE_INDEX).float()
     if mask_truncated:
         mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=mask.device).unsqueeze(-1)
@@ -150,12 +183,17 @@ def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, com
     share = loss_share(terms, local["weight"], entropy, local["entropy_weight"], loss.entropy_coef)
     (share * loss_scale).backward()
     m = local["mask"]
-    stats = UpdateStats(loss=share.item(), tokens=m.sum().item(),
-                        low_clip=(terms.low_clipped.float() * m).sum().item(),
-                        high_clip=(terms.high_clipped.float() * m).sum().item(),
-                        entropy=(entropy.detach() * m).sum().item())
-    if terms.kl is not None:
-        stats.kl = (terms.kl.detach() * m).sum().item()
+    zero = m.new_zeros(())
+    stats = UpdateStats(m.device)
+    parts = [share.detach(), (terms.kl.detach() * m).sum() if terms.kl is not None else zero,
+             (terms.low_clipped.float() * m).sum(), (terms.high_clipped.float() * m).sum(),
+             (entropy.detach() * m).sum(), m.sum()]
+    if measure_mismatch:
+        *sums, stats.mismatch_max = mismatch_sums(logp, local["sampler"], (local["labels"] != IGNORE_INDEX).float())
+        parts += sums
+    else:
+        parts += [zero] * 3
+    stats.values = torch.stack([v.double() for v in parts])
     return stats
 
 
@@ -210,6 +248,40 @@ def load_reference(args, run: TrainingRun):
     return reference
 
 
+def off_policy_mismatch(rollouts: list[Rollout], device) -> UpdateStats:
+    """The mismatch of the trainer's recomputed old log-probs vs the sampler's (whole completions, on the host)."""
+    stats = UpdateStats(device)
+    pairs = [(r.old_logprobs, torch.tensor(r.sampler_logprobs, dtype=torch.float32)) for r in rollouts
+             if r.old_logprobs is not None and len(r.sampler_logprobs) == len(r.old_logprobs) > 0]
+    if pairs:
+        trainer, sampler = torch.cat([t for t, _ in pairs]), torch.cat([s for _, s in pairs])
+        *sums, stats.mismatch_max = mismatch_sums(trainer, sampler, torch.ones_like(trainer))
+        stats.values[6:9] = torch.stack(sums).to(device)
+        stats.mismatch_max = stats.mismatch_max.to(device)
+    return stats
+
+
+def rollout_sampler(args, run: TrainingRun):
+    """The model rollouts sample from and its compute dtype: the policy itself, or a RolloutModel copy in
+    --rollout_dtype / int8 (None when the flags ask for exactly what the policy already is)."""
+    dtype_name = getattr(args, "rollout_dtype", None)
+    quant = getattr(args, "rollout_quantization", "none")
+    if dtype_name is None and quant in (None, "none"):
+        return None
+    from ..inference.rollout_model import ROLLOUT_DTYPES, RolloutModel
+    dtype = ROLLOUT_DTYPES[dtype_name or "float32"]
+    held = next(run.model.parameters()).dtype
+    if quant in (None, "none") and dtype == held:
+        log(f"--rollout_dtype {dtype_name}: the policy is already held in it; rollouts sample from it directly",
+            run.ps)
+        return None
+    rollout = RolloutModel(run.model, dtype, quant)
+    log(f"rollout copy: {dtype_name or 'float32'}{' + int8 decoder linears' if rollout.quantization else ''}, "
+        f"{rollout.nbytes / 2**20:.1f} MiB per rank, {rollout.refreshed_tensors} tensors refreshed after updates",
+        run.ps)
+    return rollout
+
+
 def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     """The GRPO loop behind solver_grpo.py; returns the final checkpoint path."""
     run = TrainingRun.prepare(args, ps, compute_dtype)
@@ -232,6 +304,9 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     model = run.load_model()
     optimizer = run.optimizer
     reference = load_reference(args, run) if args.beta != 0.0 else None
+    rollout_copy = rollout_sampler(args, run)
+    sampler = rollout_copy.model if rollout_copy else model
+    sampler_dtype = rollout_copy.dtype if rollout_copy else compute_dtype
     start_step = run.start_step
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
     loss_cfg = LossConfig.from_args(args)
@@ -256,10 +331,12 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         mine = [prompts[i] for i in chosen[ps.dp_rank * args.max_batch_size:(ps.dp_rank + 1) * args.max_batch_size]]
         # rollouts: whole groups on this DP rank, random streams keyed by (seed, step) and global prompt ids
         # (under SP, each peer samples a share of the prompts and the token ids are all-gathered)
-        completions = generate_rollouts(model, [p.ids for p in mine], params, tok.end_ids, ps,
+        if rollout_copy is not None:
+            rollout_copy.refresh()  # the weights of the last updates (every rank: no communication)
+        completions = generate_rollouts(sampler, [p.ids for p in mine], params, tok.end_ids, ps,
                                         max_batch_size=args.rollout_batch_size, max_seq_len=args.max_seq_len,
                                         seed=args.seed * 1_000_003 + step, prompt_keys=[p.index for p in mine],
-                                        compute_dtype=compute_dtype) if mine else []
+                                        compute_dtype=sampler_dtype) if mine else []
         rollouts = [Rollout(p, s, c.token_ids, c.finish_reason, c.logprobs)
                     for p, samples in zip(mine, completions) for s, c in enumerate(samples)]
         t_rollout = time.time() - t0
@@ -267,8 +344,10 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         assign_advantages(rollouts, group, args.scale_rewards, ps)
         parts = rollout_slices(rollouts, slices)
         micro = args.train_batch_size or max(map(len, parts)) or 1
-        if args.num_iterations > 1 or slices > 1:
+        mismatch = None  # on-policy: measured inside the update's own forward
+        if updates > 1:  # the trainer's log-probs before the first update (never the sampler's)
             fill_logprobs(model, rollouts, ps, "old_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
+            mismatch = off_policy_mismatch(rollouts, ps.device)
         if reference is not None:
             fill_logprobs(reference, rollouts, ps, "ref_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
 
@@ -278,12 +357,12 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                             ps)
         n_seq = sum(counts[0::3])
         n_tok = sum(counts[1::3]) / slices  # dapo/cispo: the rollout batch's tokens per optimizer step (as TRL)
-        totals, norms, step_losses, skipped_steps = UpdateStats(), [], [], 0
+        totals, norms, step_losses, skipped_steps = UpdateStats(ps.device), [], [], 0
         for iteration in range(args.num_iterations):
-            totals = UpdateStats()
+            totals = UpdateStats(ps.device)
             for j, part in enumerate(parts):
                 lr = run.set_lr((step * args.num_iterations + iteration) * slices + j, total_steps * updates)
-                step_loss = 0.0
+                step_loss = torch.zeros((), dtype=torch.float64, device=ps.device)
                 for start in range(0, len(part), micro):  # a rank without rollouts still joins the reduction
                     chunk = part[start:start + micro]
                     optimizer.start_micro_batch(last=start + micro >= len(part))
@@ -292,13 +371,14 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                                       global_tokens=n_tok, global_micro_batches=int(counts[3 * j + 2]),
                                       max_completion_length=args.max_new_tokens,
                                       mask_truncated=args.mask_truncated_completions,
-                                      on_policy=updates == 1, loss_scale=optimizer.loss_scale)
-                    for name in vars(totals):
-                        setattr(totals, name, getattr(totals, name) + getattr(s, name))
-                    step_loss += s.loss
-                step_loss = all_reduce(torch.tensor(step_loss, dtype=torch.float64, device=ps.device),
-                                       ps.dpsp_group).item()
+                                      on_policy=updates == 1, loss_scale=optimizer.loss_scale,
+                                      measure_mismatch=updates == 1)
+                    totals += s
+                    step_loss = step_loss + s.values[0]  # stays on the device: no sync per micro-batch
+                step_loss = all_reduce(step_loss, ps.dpsp_group).item()  # one host sync per optimizer step
                 grad_norm, skipped = optimizer.step(args.max_grad_norm, loss_is_finite=math.isfinite(step_loss))
+                if rollout_copy is not None and not skipped:
+                    rollout_copy.mark_stale()
                 norms.append(grad_norm)
                 step_losses.append(step_loss)
                 if skipped:  # the same decision on every rank: the loss and the norm are global
@@ -307,17 +387,18 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                         f"grad norm {grad_norm}: not finite); {skipped_total + skipped_steps} skipped so far", ps)
 
         # metrics: sums over DP (and over SP for token-level values, whose tokens are split)
-        token_sums = all_reduce(torch.tensor([totals.loss, totals.kl, totals.low_clip, totals.high_clip,
-                                              totals.entropy, totals.tokens], dtype=torch.float64,
-                                             device=ps.device),
-                                ps.dpsp_group).tolist()
+        if mismatch is not None:  # measured on whole completions per DP rank: count it once per SP group
+            totals.values[6:9] = mismatch.values[6:9] / ps.sp_size
+            totals.mismatch_max = mismatch.mismatch_max
+        token_sums = all_reduce(totals.values, ps.dpsp_group).tolist()
         per_fn = [sum(r.rewards[k] for r in rollouts) for k in range(len(rewards))]
         lengths = [len(r.completion_ids) for r in rollouts]
         mean, reward_std = (v.item() for v in mean_and_std(
             torch.tensor([r.reward for r in rollouts], dtype=torch.float64), dp_sum(ps)))
         sums = global_sum([sum(lengths), sum(r.truncated for r in rollouts)] + per_fn, ps)
-        max_len = all_reduce(torch.tensor(float(max(lengths, default=0)), device=ps.device), ps.dp_group,
-                             op=torch.distributed.ReduceOp.MAX).item()
+        # both maxima in one collective (the completion length is the same on SP peers, so MAX over DP x SP)
+        mismatch_max, max_len = all_reduce(torch.stack([totals.mismatch_max, totals.mismatch_max.new_tensor(
+            float(max(lengths, default=0)))]), ps.dpsp_group, op=torch.distributed.ReduceOp.MAX).tolist()
         n, tokens = max(n_seq, 1), max(token_sums[5], 1)
         record = {"step": step + 1, "epoch": epoch, "lr": lr, "loss": sum(step_losses[-slices:]) / slices,
                   "reward_mean": mean, "reward_std": reward_std, "kl": token_sums[1] / tokens,
@@ -325,6 +406,8 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                   "entropy": token_sums[4] / tokens, "completion_len_mean": sums[0] / n,
                   "completion_len_max": max_len, "truncated_rate": sums[1] / n,
                   "grad_norm": sum(norms) / len(norms),
+                  "rollout_logprob_diff_mean": token_sums[6] / max(token_sums[8], 1),
+                  "rollout_logprob_diff_max": mismatch_max, "rollout_kl": token_sums[7] / max(token_sums[8], 1),
                   "tokens_per_s": sums[0] / max(time.time() - t0, 1e-9), "rollout_s": t_rollout,
                   "step_s": time.time() - t0}
         for (name, _, _), value in zip(rewards, sums[2:]):

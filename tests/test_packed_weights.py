@@ -1,0 +1,104 @@
+"""oneDNN-prepacked weights for CPU generation (inference/packed.py) against plain F.linear.
+
+- Inside ``packed_weights`` every linear (column, row, LoRA-adapted with non-zero adapters, untied and tied LM
+  heads) computes what it computes outside, to fp32 rounding (bf16: to bf16 rounding); the parameters are not
+  touched and every layer is restored afterwards, also when the block raises.
+- Greedy generation of a LoRA-adapted model gives the same tokens and log-probs with and without packing.
+"""
+import pytest
+import torch
+
+from llama_rlhf.inference.engine import generate
+from llama_rlhf.inference.packed import packable, packed_weights, packing_available
+from llama_rlhf.inference.sampling import SamplingParams
+from llama_rlhf.models.config import ModelConfig
+from llama_rlhf.models.init import init_weights
+from llama_rlhf.models.lora import LoRASpec, apply_lora, lora_parameters
+from llama_rlhf.models.pretrained import build_model
+from llama_rlhf.parallel.state import single_process_state
+
+
+def tiny(tied: bool, lora: bool, dtype=torch.float32, bias: bool = False):
+    cfg = ModelConfig("llama-hf", vocab_size=70, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64,
+                      tie_word_embeddings=tied, qkv_bias=bias, o_bias=bias)
+    model = build_model(cfg, single_process_state(), dtype)
+    init_weights(model, seed=0)
+    if lora:
+        apply_lora(model, LoRASpec(4, 8.0), seed=3, dtype=dtype)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for _, p in sorted(lora_parameters(model).items()):  # B is zero after init: make the adapters count
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    if bias:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):
+                    p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("tied,lora,bias", [(False, False, True), (True, False, False), (False, True, False),
+                                            (True, True, True)])
+def test_packed_forward_equals_plain(tied, lora, bias):
+    torch.manual_seed(0)
+    model = tiny(tied, lora, bias=bias)
+    ids = torch.randint(0, 70, (3, 9))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with torch.inference_mode():
+        want = model(ids)
+        with packed_weights(model, torch.float32, rows=3) as on:
+            assert on
+            swapped = [m for m in model.modules() if packable(m)]
+            assert len(swapped) == 2 * 7 + (0 if tied else 1), "every linear and the untied head is packed"
+            assert all("forward" in m.__dict__ for m in swapped)
+            assert (model.packed_head is not None) == tied
+            got = model(ids)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+    assert not any("forward" in m.__dict__ for m in model.modules()) and model.packed_head is None
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items()), "parameters changed"
+
+
+def test_packing_is_available_on_this_cpu():
+    assert packing_available(torch.device("cpu"), torch.float32), "torch was built without oneDNN"
+    assert not packing_available(torch.device("cpu"), torch.float16)
+
+
+def test_bf16_packed_forward_equals_plain_bf16():
+    """bf16 weights (needs oneDNN's bf16 kernels: AVX512-BF16/AMX; elsewhere packing must switch itself off)."""
+    model = tiny(tied=True, lora=False, dtype=torch.bfloat16)
+    ids = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(ids).float()
+        with packed_weights(model, torch.bfloat16, rows=2) as on:
+            got = model(ids).float()
+    assert on == packing_available(torch.device("cpu"), torch.bfloat16)
+    assert got.dtype == want.dtype and torch.allclose(got, want, rtol=2e-2, atol=2e-2), (got - want).abs().max()
+
+
+def test_layers_are_restored_when_the_block_raises():
+    model = tiny(tied=True, lora=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with packed_weights(model, torch.float32, rows=1):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules()) and model.packed_head is None
+
+
+def test_disabled_or_gpu_dtype_is_a_no_op():
+    model = tiny(tied=False, lora=False)
+    for kwargs in ({"enabled": False}, {"dtype": torch.float16}):
+        with packed_weights(model, **{"dtype": torch.float32, "rows": 1, **kwargs}) as on:
+            assert not on and not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_lora_generation_same_tokens_packed_or_not():
+    model = tiny(tied=False, lora=True)
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 6], [11]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    ps = single_process_state()
+    packed = generate(model, prompts, params, (), ps, max_batch_size=2)
+    plain = generate(model, prompts, params, (), ps, max_batch_size=2, pack_weights=False)
+    for a, b in zip(packed, plain):
+        assert a[0].token_ids == b[0].token_ids
+        assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) < 1e-5
