@@ -4,7 +4,7 @@
         --train_file math.jsonl --save_dir OUT --num_samples_per_prompt 8 --reward_funcs accuracy,format \\
         --beta 0.04 --lr 1e-6 --use_chat_template
 
-Reward functions: accuracy, format, length, or path/to/file.py:function with the signature
+Reward functions: accuracy, last_number, format, length, or path/to/file.py:function with the signature
 ``def reward(completion: str, sample: dict) -> float`` (see llama_rlhf/rewards.py).
 """
 import argparse

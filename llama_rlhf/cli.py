@@ -57,7 +57,7 @@ def add_chat_flags(parser: argparse.ArgumentParser) -> None:
 def add_reward_flags(group, default: str | None) -> None:
     """The reward spec (llama_rlhf/rewards.py) that GRPO trains on and solver_generate scores with."""
     group.add_argument("--reward_funcs", default=default,
-                       help="comma list of accuracy, format, length, path/to/file.py:function"
+                       help="comma list of accuracy, last_number, format, length, path/to/file.py:function"
                             + ("" if default else " (default: no scoring)"))
     group.add_argument("--reward_weights", default=None, help="comma list of weights, one per reward (default all 1)")
     group.add_argument("--length_min", type=int, default=16, help="length reward: shortest ideal completion (tokens)")
