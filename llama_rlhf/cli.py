@@ -238,7 +238,7 @@ LLAMA_RLHF_FLAGS = [
     LlamaRlhfFlag("--reference_ckpt_dir", ("grpo",), "the KL reference here is always the initial --ckpt_dir "
                   "(kept when --beta > 0)"),
     LlamaRlhfFlag("--verifier_ckpt_dir", ("grpo",), "reward models are not available: use --reward_funcs "
-                  "(accuracy, format, length or path/to/file.py:function)"),
+                  "(accuracy, last_number, format, length or path/to/file.py:function)"),
     LlamaRlhfFlag("--task", ("grpo",), "use --reward_funcs (accuracy checks the line's answer; or your own "
                   "path/to/file.py:function)"),
     LlamaRlhfFlag("--kl_coef", ("grpo",), "use --beta (the KL penalty weight; 0 keeps no reference model)"),
