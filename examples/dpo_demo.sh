@@ -4,8 +4,7 @@
 # held-out pairs (examples/data/dpo_arithmetic_heldout.jsonl: questions no training pair asks) rise.
 # Held-out accuracy is the share of pairs whose implicit reward beta x (log pi - log pi_ref) is higher for the
 # chosen answer; at step 0 the policy is its own reference, so every margin is 0 and the accuracy 0.
-#   bash examples/dpo_demo.sh   (39 minutes on the shared 2-core machine at load average 6-17 from other jobs;
-#                                not timed on a quiet machine, where it should take several times less)
+#   bash examples/dpo_demo.sh   (2m33s on 2 idle CPU cores; held-out accuracy 0.000 -> 0.700 -> 0.767)
 # Environment: OUT (default runs/dpo_demo), STEPS (default 16), PAIRS (training pairs used, default 64: the
 # reference pass scores each once), NPROC (default 1: MP=1; 3 gives MP=3).
 set -euo pipefail
