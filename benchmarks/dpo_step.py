@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.worker import run_worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "examples", "data", "dpo_arithmetic.jsonl")
 SEED = 1234
@@ -103,19 +105,8 @@ def run_ours(model_dir: str, pairs: str, work: str, cfg: dict) -> dict:
 
 
 def run_trl(model_dir: str, pairs: str, work: str, cfg: dict) -> dict:
-    out = os.path.join(work, "trl_result.json")
-    cmd = [sys.executable, "-m", "benchmarks.dpo_step", "--trl_worker", json.dumps(
-        {**cfg, "model_dir": model_dir, "pair_file": pairs, "work": work, "out": out})]
-    env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"TRL DPOTrainer failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    with open(out, encoding="utf-8") as f:
-        result = json.load(f)
-    result["process_wall_s"] = wall
-    return result
+    return run_worker("benchmarks.dpo_step", {**cfg, "model_dir": model_dir, "pair_file": pairs, "work": work,
+                      "out": os.path.join(work, "trl_result.json")}, "TRL DPOTrainer")
 
 
 def trl_worker(spec: dict) -> None:
