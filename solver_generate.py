@@ -92,6 +92,7 @@ def main():
         model = model.to(compute_dtype)
     else:
         model = load_pretrained(args.ckpt_dir, model_type, ps, args.config_file, dtype=compute_dtype)
+    model.requires_grad_(False)  # sampling only: frozen weights keep their CPU-packed copies across chunks
     if args.max_seq_len > model.cfg.max_position_embeddings:
         raise UsageError(f"--max_seq_len {args.max_seq_len} is beyond this model's max_position_embeddings "
                          f"({model.cfg.max_position_embeddings}); pass --max_seq_len {model.cfg.max_position_embeddings}")

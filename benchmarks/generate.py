@@ -85,7 +85,7 @@ def run(quick: bool = False, threads: int = 1, pack: bool = True) -> list[dict]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        ours = load_pretrained(model_dir, "llama-hf", ps, dtype=dtype)
+        ours = load_pretrained(model_dir, "llama-hf", ps, dtype=dtype).requires_grad_(False)  # as solver_generate
         keep_freed_memory(ps.device)  # generate does this too; before HF's first run, so both sides get it
         time_ours(ours, ps, chat_prompts(tokenizer, 2), 4, pack)  # warm-up
         time_hf(hf, tokenizer, chat_prompts(tokenizer, 2), 4)

@@ -236,6 +236,8 @@ def test_smollm2_greedy_matches_transformers_mp1(smollm2_case):
                                "MP=1, two rows (continuous batching)")
         compare_with_reference(generate(model, ref["prompts"], params, end_ids, ps, max_batch_size=len(ref["prompts"]),
                                         pack_weights=False), ref, "MP=1, unpacked weights")
+        compare_with_reference(generate(model, ref["prompts"], params, end_ids, ps, max_batch_size=3,
+                                        static_decode=True), ref, "MP=1, fixed-shape (CUDA-graph) step")
 
 
 def check_smollm2_mp3(case_file):
@@ -361,12 +363,17 @@ def check_family(cases_file, name):
         squeezed = engine.run()
     stats = engine.stats
     assert stats["shifts_left"] and stats["shifts_right"] and stats["row_moves"], stats
+    static = Generator(model.eval(), prompts, GREEDY, (), ps, 2, FAMILY_MAX_SEQ, 0, None, None, None, 10,
+                       cache_slack=1, prefill_tokens=8, static_decode=True)  # the CUDA-graph step, run eagerly
+    with torch.inference_mode():
+        static_squeezed = static.run()
+    assert static.stats == stats, (static.stats, stats)
     one_batch = generate(model, prompts, GREEDY, (), ps, max_batch_size=len(prompts), max_seq_len=FAMILY_MAX_SEQ)
     eager = generate(model, prompts, GREEDY, (), ps, max_batch_size=len(prompts), max_seq_len=FAMILY_MAX_SEQ,
                      pack_weights=False)  # plain F.linear: the packed default must pick the same tokens
     for i, want in enumerate(case["tokens"]):
         for results, what in ((one_batch, "one batch"), (squeezed, "two rows, one-slot slack"),
-                              (eager, "unpacked weights")):
+                              (eager, "unpacked weights"), (static_squeezed, "fixed-shape step, two rows")):
             got = results[i][0]
             assert got.token_ids == want, f"{name} MP=2 {what}, prompt {i}: {first_difference(got.token_ids, want)}"
             assert got.finish_reason == "length"
@@ -403,6 +410,12 @@ def check_sampling(cases_file):
         assert [t for t, _ in packed_row] == [c.token_ids for c in eager_row], f"prompt {i}: packed != unpacked"
         d = max(abs(a - b) for (_, lp), c in zip(packed_row, eager_row) for a, b in zip(lp, c.logprobs))
         assert d < 1e-5, f"prompt {i}: sampled log-probs of packed and unpacked weights differ by {d:.2e}"
+    static = generate(model, prompts, params, (), ps, max_batch_size=8, max_seq_len=FAMILY_MAX_SEQ, seed=5,
+                      static_decode=True)
+    for i, (packed_row, static_row) in enumerate(zip(first, static)):
+        assert [t for t, _ in packed_row] == [c.token_ids for c in static_row], f"prompt {i}: fixed-shape step"
+        d = max(abs(a - b) for (_, lp), c in zip(packed_row, static_row) for a, b in zip(lp, c.logprobs))
+        assert d < 1e-5, f"prompt {i}: sampled log-probs of the fixed-shape step differ by {d:.2e}"
 
 
 def check_temperature_to_zero_is_greedy(cases_file):

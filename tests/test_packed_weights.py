@@ -102,3 +102,46 @@ def test_lora_generation_same_tokens_packed_or_not():
     for a, b in zip(packed, plain):
         assert a[0].token_ids == b[0].token_ids
         assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) < 1e-5
+
+
+def test_fewer_rows_than_the_fast_kernel_are_padded_and_equal_plain():
+    """1-3 rows run padded to MIN_GEMM_ROWS inside packed_linear; the real rows' outputs equal F.linear's."""
+    from llama_rlhf.inference.packed import MIN_GEMM_ROWS, pack, packed_linear
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    packed = pack(weight, torch.float32, rows=1)
+    for shape in [(1, 24), (2, 1, 24), (3, 24), (MIN_GEMM_ROWS, 24), (2, 5, 24)]:
+        x = torch.randn(*shape, generator=g)
+        got = packed_linear(x, packed, bias)
+        assert got.shape == (*shape[:-1], 40)
+        assert torch.allclose(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5), shape
+
+
+def test_frozen_weights_keep_their_packed_copy_until_they_change():
+    """requires_grad=False weights are packed once and reused across calls; an in-place update or a reassignment
+    repacks them; trainable weights are packed anew on every call and keep nothing between calls."""
+    model = tiny(tied=True, lora=False)
+    ids = torch.randint(0, 70, (1, 4), generator=torch.Generator().manual_seed(3))
+    layer = model.model.layers[0].mlp.up_proj
+
+    def packed_copy():
+        with torch.inference_mode(), packed_weights(model, torch.float32, rows=1):
+            out = model(ids)
+        return layer.__dict__.get("_packed_cache", (None, None))[1], out
+
+    assert packed_copy()[0] is None, "a trainable weight must not keep a packed copy"
+    model.requires_grad_(False)
+    first, _ = packed_copy()
+    assert first is not None and packed_copy()[0] is first, "a frozen, unchanged weight is packed once"
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # in place: the version counter moves
+    second, out = packed_copy()
+    assert second is not first
+    with torch.inference_mode():
+        assert torch.allclose(out, model(ids), rtol=1e-5, atol=1e-5), "the update must reach the packed copy"
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 0.5, requires_grad=False)  # a new tensor
+    third, out = packed_copy()
+    assert third is not second
+    with torch.inference_mode():
+        assert torch.allclose(out, model(ids), rtol=1e-5, atol=1e-5)
+    assert model.model.embed_tokens.__dict__.get("_packed_cache") is not None, "the tied head is cached too"

@@ -23,6 +23,7 @@ from ..parallel.cpu_allocator import keep_freed_memory
 from ..runtime import autocast
 from .packed import packed_weights
 from .sampling import SamplingParams, next_tokens
+from .static_step import StaticDecodeStep
 
 
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward (bounds its activation memory)
@@ -111,7 +112,7 @@ class Generator:
     def __init__(self, model, prompts, params: SamplingParams, end_ids, ps, max_batch_size: int,
                  max_seq_len: int | None, seed: int, prompt_keys, compute_dtype, progress, progress_every,
                  cache_slack: int | None = None, prefill_tokens: int = PREFILL_TOKENS,
-                 pack_weights: bool = True):
+                 pack_weights: bool = True, static_decode: bool = False):
         self.model, self.prompts, self.params, self.ps = model, prompts, params, ps
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.seed = seed
@@ -140,6 +141,8 @@ class Generator:
         kv_heads, head_dim = _kv_layout(model)
         self.cache = KVCache(model.cfg.num_layers, self.rows, kv_heads, head_dim, self.capacity, self.dtype,
                              ps.device)
+        # fixed-shape decode over the whole cache: a CUDA graph on GPU, eager elsewhere (inference/static_step.py)
+        self.static_step = StaticDecodeStep(model, self.cache, ps.device, cuda_graph=True) if static_decode else None
         self.t = 0  # next free slot on the timeline
         self.active: list[_Row] = []
         self.waiting = deque((i, s) for i in range(len(prompts)) for s in range(params.num_samples))
@@ -216,11 +219,14 @@ class Generator:
         device = self.ps.device
         # last token and its position of every row in one host-to-device copy per step
         step = torch.tensor([[r.out.token_ids[-1], r.prompt_len + len(r.out.token_ids) - 1] for r in self.active])
-        step = step.to(device, non_blocking=True) if device.type == "cuda" else step
-        ids, positions = step[:, :1], step[:, 1:]  # [B, 1] each
-        self.cache.valid[:rows, self.t] = True
-        logits = self.forward_last_logits(ids, positions, self.cache.valid[:rows, offset:],
-                                          self.cache.window(rows, offset, self.t - offset))
+        if self.static_step is not None:
+            logits = self.static_step(step, self.t)
+        else:
+            step = step.to(device, non_blocking=True) if device.type == "cuda" else step
+            ids, positions = step[:, :1], step[:, 1:]  # [B, 1] each
+            self.cache.valid[:rows, self.t] = True
+            logits = self.forward_last_logits(ids, positions, self.cache.valid[:rows, offset:],
+                                              self.cache.window(rows, offset, self.t - offset))
         self.t += 1
         self.stats["decode_steps"] += 1
         self.choose(logits, self.active)
@@ -285,7 +291,8 @@ class Generator:
 def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, ps, max_batch_size: int = 16,
              max_seq_len: int | None = None, seed: int = 0, prompt_keys: list[int] | None = None,
              compute_dtype: torch.dtype | None = None, progress=None,
-             progress_every: float = 10.0, pack_weights: bool = True) -> list[list[Completion]]:
+             progress_every: float = 10.0, pack_weights: bool = True,
+             static_decode: bool = False) -> list[list[Completion]]:
     """Generate ``params.num_samples`` completions for each prompt (token ids, no padding).
 
     Returns, in input order, a list of completions per prompt. ``max_batch_size`` sequences decode together
@@ -297,13 +304,16 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, p
     weights' runs under autocast; the cache has the compute dtype. ``progress(done_prompts, total_prompts,
     new_tokens, seconds)`` is called every ``progress_every`` seconds and at the end. ``pack_weights``: on CPU,
     run every GEMM on oneDNN-prepacked copies of the weights (``inference/packed.py``; one extra copy of the
-    weights in memory during the call); False keeps plain ``F.linear``.
+    weights in memory during the call); False keeps plain ``F.linear``. ``static_decode``: every decode step runs
+    all ``max_batch_size`` rows over the whole cache with fixed shapes (``inference/static_step.py``), captured once
+    as a CUDA graph and replayed on GPU (``--cuda_graphs``); on CPU it runs eagerly and is no faster.
     Every MP rank of the model must call this with the same arguments.
     """
     was_training = model.training
     model.eval()
     try:
         return Generator(model, prompts, params, end_ids, ps, max_batch_size, max_seq_len, seed, prompt_keys,
-                         compute_dtype, progress, progress_every, pack_weights=pack_weights).run()
+                         compute_dtype, progress, progress_every, pack_weights=pack_weights,
+                         static_decode=static_decode).run()
     finally:
         model.train(was_training)

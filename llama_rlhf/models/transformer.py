@@ -198,9 +198,12 @@ class CausalLM(nn.Module):
         if (sp_group is None and segment_ids is not None and key_valid is None and kv_cache is None
                 and attention_module.flash_attn_varlen_func is not None and attention_module.on_cuda(input_ids)):
             ctx.varlen = varlen_plan(segment_ids)  # once per forward, for every layer
-        if sp_group is None:
+        windows = {self.cfg.layer_window(i) for i in range(self.cfg.num_layers)}
+        if getattr(kv_cache, "static", False):  # fixed-shape decode (inference/static_step.py): masks from tensors
+            ctx.masks = kv_cache.masks(windows)
+        elif sp_group is None:
             k_len = q_start + s
-            for window in {self.cfg.layer_window(i) for i in range(self.cfg.num_layers)}:
+            for window in windows:
                 ctx.masks[window] = build_mask(s, k_len, q_start, input_ids.device, segment_ids, key_valid, window)
         x = self.model.embed_tokens(input_ids)  # [B, S] -> [B, S, h]
         if self.cfg.embed_scale != 1.0:
