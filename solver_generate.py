@@ -36,6 +36,8 @@ def parse_args(argv=None):
     s.add_argument("--max_new_tokens", type=int, default=512, help="longest response in tokens")
     s.add_argument("--num_samples_per_prompt", type=int, default=1, help="samples per prompt (one prefill each)")
     s.add_argument("--log_every", type=float, default=30.0, help="seconds between progress lines")
+    add_bool(s, "--cuda_graphs", False, "on CUDA, decode with a fixed-shape step captured once per generate call "
+             "as a CUDA graph and replayed for every token (inference/static_step.py); ignored without CUDA")
     r = p.add_argument_group("scoring")
     add_reward_flags(r, None)
     r.add_argument("--pass_k", default=None,

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     s.add_argument("--rollout_quantization", default="none", choices=("none", "int8"),
                    help="int8: the rollout copy's decoder linears in weight-only int8 (one scale per output channel), "
                         "activations in --rollout_dtype (default float32); re-quantized after each update")
+    add_bool(s, "--cuda_graphs", False, "on CUDA, decode with a fixed-shape step captured once per generate call "
+             "as a CUDA graph and replayed for every token (inference/static_step.py); ignored without CUDA")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=1, help="passes over the prompts")
     o.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")

@@ -3,11 +3,13 @@
 SmolLM2-135M-Instruct in fp32 and in bf16 (weights loaded in that dtype on both sides; MP=1, one process),
 chat prompts of mixed lengths, batch 1, 16 and 64, 128 new tokens each (no early stop: end tokens are ignored
 on both sides), greedy. tokens/s counts new tokens over the wall time of the whole generate call (prefill and,
-on CPU, the weight packing of inference/packed.py included), best of two interleaved runs, one torch thread on
-both sides by default. The greedy outputs are compared (fraction of tokens before the first difference); each
-row records the 1-minute load average when it was measured.
+on CPU, the weight packing of inference/packed.py included, but our model is frozen as in solver_generate, so
+after the first call at a batch size the packed copies are reused), best of two interleaved runs. One torch
+thread on both sides, and in the full run fp32 again with two threads (the whole 2-core machine here). The greedy
+outputs are compared (fraction of tokens before the first difference); each row records the 1-minute load
+average when it was measured.
 
-    python -m benchmarks.generate [--quick] [--unpacked]
+    python -m benchmarks.generate [--quick] [--unpacked] [--threads 1,2]
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return total / len(a)
 
 
-def run(quick: bool = False, threads: int = 1, pack: bool = True) -> list[dict]:
+def run(quick: bool = False, threads: tuple[int, ...] | None = None, pack: bool = True) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,13 +79,15 @@ def run(quick: bool = False, threads: int = 1, pack: bool = True) -> list[dict]:
     from llama_rlhf.parallel.state import single_process_state
     from tools.fetch_smollm2 import ensure_smollm2
 
-    torch.set_num_threads(threads)
     model_dir = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ps = single_process_state()
     batches, new_tokens, repeats = ((1, 16), 32, 2) if quick else ((1, 16, 64), 128, 2)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    settings = [(n, torch.float32) for n in threads] if threads else (
+        [(1, torch.float32), (1, torch.bfloat16)] + ([] if quick else [(2, torch.float32)]))
+    for n_threads, dtype in settings:
+        torch.set_num_threads(n_threads)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         ours = load_pretrained(model_dir, "llama-hf", ps, dtype=dtype).requires_grad_(False)  # as solver_generate
         keep_freed_memory(ps.device)  # generate does this too; before HF's first run, so both sides get it
@@ -110,10 +114,10 @@ def run(quick: bool = False, threads: int = 1, pack: bool = True) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'dtype':>9}{'batch':>6}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}"
+    print(f"{'dtype':>9}{'thr':>4}{'batch':>6}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}"
           f"{'agree':>7}{'load':>6}")
     for r in rows:
-        print(f"{r['dtype']:>9}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
+        print(f"{r['dtype']:>9}{r['threads']:>4}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
               f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
               f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}")  # older rows lack it
 
@@ -121,12 +125,14 @@ def print_table(rows: list[dict]) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 1 and 16, 32 new tokens")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for both sides (default 1: shared machines make multi-thread timings noisy)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch thread counts for both sides, fp32 only (default: 1 thread fp32 and "
+                        "bf16, then 2 threads fp32 in the full run)")
     p.add_argument("--unpacked", action="store_true",
                    help="our side without oneDNN-packed weights (generate(pack_weights=False)), to measure that lever")
     args = p.parse_args()
-    print_table(run(args.quick, args.threads, not args.unpacked))
+    threads = tuple(int(n) for n in args.threads.split(",")) if args.threads else None
+    print_table(run(args.quick, threads, not args.unpacked))
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ def summarize_mfu(rows):
 
 
 def summarize_generate(rows):
-    return [line("generate", f"greedy batch {r['batch']}, {r['new_tokens']} new tokens, {r['dtype']}",
+    return [line("generate", f"greedy batch {r['batch']}, {r['new_tokens']} new tokens, {r['dtype']}, "
+                             f"{r.get('threads', 1)} thread{'s' if r.get('threads', 1) > 1 else ''}",
                  "tokens/s (best of runs)", r["llama_rlhf_tokens_per_s"], r["transformers_tokens_per_s"],
                  "transformers generate", r["speedup_vs_transformers"], "faster") for r in rows]
 
@@ -443,7 +444,8 @@ def evaluate_targets(results: dict) -> list[dict]:
              if r["impl"] == "llama_rlhf" and r["mp"] == 1 and r.get("status", "ok") == "ok"}
     mfu = {r["dtype"]: r["mfu"] for r in rows.get("mfu", [])
            if r["kind"] == "train_step" and r["impl"] == "llama_rlhf" and r["mp"] == 1}
-    gen16 = next((r["speedup_vs_transformers"] for r in rows.get("generate", []) if r["batch"] == 16), None)
+    gen16 = next((r["speedup_vs_transformers"] for r in rows.get("generate", [])
+                  if r["batch"] == 16 and r.get("threads", 1) == 1), None)
     load3 = next((r for r in rows.get("load", []) if r["impl"] == "llama_rlhf" and r["mp"] == 3
                   and r["status"] == "ok"), None)
     grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0 and not rollout_precision_label(r)]

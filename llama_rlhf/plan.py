@@ -27,7 +27,9 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
 - Setup: stage 0 adds the gradient buckets to the loaded fp32 parameters; stage 1 moves the parameters bucket by
   bucket into their new buffers, so the loaded fp32 copy of one bucket is all it holds beyond the training state.
   A 16-bit model (the LoRA base, the GRPO reference) is built in fp32 and cast tensor by tensor.
-On the CPU (--device cpu) gloo's collectives add their copies of the buckets in flight.
+On the CPU (--device cpu) gloo's collectives add their copies of the buckets in flight, and GRPO's rollouts the
+engine's oneDNN-packed copies of the sampling weights (inference/packed.py): during rollouts only, or all run when
+those weights are frozen (a LoRA base, the rollout copy: their packed copies are kept between calls).
 The peak is the largest of these phases, plus --overhead_gb (CUDA context, communication buffers, allocator
 slack: what no tensor accounts for). An impossible layout is the solvers' own error (parallel/layout.py).
 """
@@ -213,6 +215,23 @@ def rollout_copy_bytes(cfg: ModelConfig, mp: int, job: "Job", source_dtype: str)
     return counts["total"] * DTYPE_BYTES[r]
 
 
+def packed_copy_bytes(cfg: ModelConfig, mp: int, job: "Job") -> tuple[int, bool]:
+    """CPU GRPO rollouts: bytes per rank of the oneDNN-packed weight copies a ``generate`` call holds
+    (inference/packed.py; every dense linear and the LM head in the sampling dtype; int8 / quantized linears are not
+    packed, fp16 nothing), and whether they stay between calls (frozen weights: a LoRA base, the rollout copy)."""
+    if job.job != "grpo":
+        return 0, False
+    copy = job.rollout_dtype is not None or bool(job.rollout_quantization)
+    dtype = CANONICAL_DTYPE[(job.rollout_dtype or "float32") if copy else job.dtype]
+    if dtype == "float16":
+        return 0, False
+    counts = parameter_counts(cfg, mp)
+    decoder = counts["matmul"] - (0 if counts["tied"] else counts["embedding"])
+    quantized = job.rollout_quantization == "int8" if copy else bool(job.lora_rank > 0 and job.quantize_base)
+    elements = (0 if quantized else decoder) + counts["embedding"]  # the head: vocab_local x hidden, tied or not
+    return elements * DTYPE_BYTES[dtype], copy or job.lora_rank > 0
+
+
 def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0,
          device: str = "cuda") -> Plan:
     """Per-rank bytes of ``job`` at ``layout`` (see the module docstring for what is counted).
@@ -314,6 +333,12 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
         fl = linear_shapes(cfg, mp)["gate_proj"][1]
         prefill = prompt_tokens * (3 * c * fl + 3 * 4 * h)
         phases["rollout"] = persistent + reference + kv_cache + prefill
+        if device == "cpu":  # the engine's packed weight copies: during rollouts, or all run for frozen weights
+            packed, kept = packed_copy_bytes(cfg, mp, job)
+            parts["packed_weights"] = packed
+            for phase in phases:
+                if phase == "rollout" or (kept and phase != "setup"):
+                    phases[phase] += packed
         notes.append(f"rollouts: {decode_rows} sequences decoded together (--rollout_batch_size), "
                      f"{rows} per update micro-batch (--train_batch_size)")
     peak_phase = max(phases, key=phases.get)

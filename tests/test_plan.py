@@ -265,3 +265,42 @@ def test_readme_what_fits_tables_are_the_planner_output():
         assert proc.returncode == 0, proc.stderr
         for row in proc.stdout.strip().splitlines():
             assert row in section, f"README's What fits table is stale: {row}"
+
+
+def test_cpu_packed_weight_copies_are_what_packing_allocates():
+    """--device cpu GRPO: the planner's packed_weights part equals the bytes packed_weights() allocates for the
+    tiny Llama (block-aligned shapes) in fp32, and follows the sampling weights: int8 rollout linears leave the head
+    only, fp16 packs nothing, frozen weights (LoRA, a rollout copy) keep theirs through the train step."""
+    from llama_rlhf.inference.packed import packed_weights
+    from llama_rlhf.models.pretrained import build_model
+    from llama_rlhf.parallel.state import single_process_state
+    cfg = ModelConfig(**TINY)
+    model = build_model(cfg, single_process_state(), torch.float32)
+    entered = []
+
+    def enter():
+        block = packed_weights(model, torch.float32, rows=8)
+        block.__enter__()
+        entered.append(block)
+
+    _, left = profiled_peak(enter)
+    entered[0].__exit__(None, None, None)
+    job = planner.Job("grpo", "float32", 256, 2, 4, 64)
+    planned, kept = planner.packed_copy_bytes(cfg, 1, job)
+    assert not kept and abs(planned / left - 1) < 0.01, (planned, left)
+    h, vocab = cfg.hidden_size, cfg.vocab_size
+    decoder = (h * 128 + 2 * h * 64 + 128 * h + 3 * h * 512) * cfg.num_layers  # q, k, v, o, gate, up, down
+    assert planned == 4 * (decoder + vocab * h)  # by hand
+    layout = planner.make_layout(cfg, 1, 1, 1, 0, False)
+    p = planner.plan(cfg, layout, job, overhead_gb=0.0, device="cpu")
+    q = planner.plan(cfg, layout, job, overhead_gb=0.0, device="cuda")
+    assert p.phases["rollout"] - q.phases["rollout"] == planned and p.phases["train step"] == q.phases["train step"]
+    int8 = planner.Job("grpo", "float32", 256, 2, 4, 64, rollout_quantization="int8")
+    assert planner.packed_copy_bytes(cfg, 1, int8) == (4 * vocab * h, True)
+    bf16_copy = planner.Job("grpo", "float32", 256, 2, 4, 64, rollout_dtype="bfloat16")
+    assert planner.packed_copy_bytes(cfg, 1, bf16_copy) == (2 * (decoder + vocab * h), True)
+    assert planner.packed_copy_bytes(cfg, 1, planner.Job("grpo", "float16", 256, 2, 4, 64)) == (0, False)
+    lora = planner.Job("grpo", "bfloat16", 256, 2, 4, 64, lora_rank=8)
+    p = planner.plan(cfg, layout, lora, overhead_gb=0.0, device="cpu")
+    q = planner.plan(cfg, layout, lora, overhead_gb=0.0, device="cuda")
+    assert p.phases["train step"] - q.phases["train step"] == 2 * (decoder + vocab * h), "kept through training"

@@ -148,10 +148,14 @@ def generation_parity(torch, smollm2: str, new_tokens: int = 48) -> dict:
     ours = load_pretrained(smollm2, "llama-hf", _ps(), dtype=torch.float32).eval()
     got = [c[0].token_ids for c in generate(ours, prompts, SamplingParams(0.0, max_new_tokens=new_tokens), end,
                                             _ps(), max_batch_size=len(prompts), seed=0)]
+    graphed = [c[0].token_ids for c in generate(ours, prompts, SamplingParams(0.0, max_new_tokens=new_tokens), end,
+                                                _ps(), max_batch_size=len(prompts), seed=0, static_decode=True)]
     torch.backends.cuda.matmul.allow_tf32 = True
     same = sum(a == b[:len(a)] or b == a[:len(b)] for a, b in zip(want, got))
-    return {"prompts": len(prompts), "identical": same, "tokens_compared": sum(len(a) for a in want),
-            "ok": same == len(prompts), "peak_mb": _peak_mb(torch)}
+    same_graphed = sum(a == b for a, b in zip(got, graphed))  # the CUDA-graph step against the dynamic one
+    return {"prompts": len(prompts), "identical": same, "cuda_graph_identical": same_graphed,
+            "tokens_compared": sum(len(a) for a in want),
+            "ok": same == len(prompts) and same_graphed == len(prompts), "peak_mb": _peak_mb(torch)}
 
 
 def _solver(script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -316,12 +320,16 @@ def generation_speed(torch, smollm2: str, new_tokens: int = 64) -> list[dict]:
         prompts = chat_prompts(tokenizer, batch)
         params = SamplingParams(0.0, max_new_tokens=new_tokens)
         ours_s = _timed(torch, lambda: generate(ours, prompts, params, set(), _ps(), max_batch_size=batch), 2)
+        graph_s = _timed(torch, lambda: generate(ours, prompts, params, set(), _ps(), max_batch_size=batch,
+                                                 static_decode=True), 2)  # capture included in every call
         enc = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(DEVICE)
         with torch.no_grad():
             hf_s = _timed(torch, lambda: hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                      do_sample=False, pad_token_id=tokenizer.eos_token_id), 2)
         rows.append({"batch": batch, "new_tokens": new_tokens, "ours_tokens_per_s": batch * new_tokens / ours_s,
-                     "transformers_tokens_per_s": batch * new_tokens / hf_s, "vs_transformers": hf_s / ours_s})
+                     "cuda_graph_tokens_per_s": batch * new_tokens / graph_s,
+                     "transformers_tokens_per_s": batch * new_tokens / hf_s, "vs_transformers": hf_s / ours_s,
+                     "cuda_graph_vs_transformers": hf_s / graph_s})
     rows[-1]["peak_mb"] = _peak_mb(torch)
     return rows
 

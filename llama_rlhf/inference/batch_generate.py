@@ -140,7 +140,7 @@ def gather_rows(mine: list[tuple[int, dict]], total: int, ps) -> list[dict] | No
 
 def generate_rows(prompts: list[Prompt], model, tok, ps, params: SamplingParams, *, max_batch_size: int,
                   max_seq_len: int, seed: int, compute_dtype, rewards=None, progress=None,
-                  progress_every: float = 30.0) -> list[dict] | None:
+                  progress_every: float = 30.0, static_decode: bool = False) -> list[dict] | None:
     """Every prompt's result row (scored when ``rewards`` are given), prompts dealt over the replicas; the rows
     in input order on global rank 0, None elsewhere. Every rank calls it.
 
@@ -163,7 +163,8 @@ def generate_rows(prompts: list[Prompt], model, tok, ps, params: SamplingParams,
         if part:
             outputs += generate(model, [prompts[i].ids for i in part], params, tok.end_ids, ps,
                                 max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed, prompt_keys=part,
-                                compute_dtype=compute_dtype, progress=chunk_progress, progress_every=progress_every)
+                                compute_dtype=compute_dtype, progress=chunk_progress, progress_every=progress_every,
+                                static_decode=static_decode)
         if replicas > 1:
             dist.all_reduce(torch.zeros(1, device=ps.device), group=ps.dpsp_group)
     mine = [(i, result_row(prompts[i], out, tok, rewards)) for i, out in zip(indices, outputs)]
@@ -189,7 +190,8 @@ def run_generation(args, model, tok, ps, compute_dtype, rewards=None) -> str | N
 
     rows = generate_rows(prompts, model, tok, ps, params, max_batch_size=args.max_batch_size,
                          max_seq_len=args.max_seq_len, seed=args.seed, compute_dtype=compute_dtype, rewards=rewards,
-                         progress=progress, progress_every=args.log_every)
+                         progress=progress, progress_every=args.log_every,
+                         static_decode=getattr(args, "cuda_graphs", False) and ps.device.type == "cuda")
     if rows is None:
         return None
     os.makedirs(args.log_dir, exist_ok=True)

@@ -307,6 +307,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     rollout_copy = rollout_sampler(args, run)
     sampler = rollout_copy.model if rollout_copy else model
     sampler_dtype = rollout_copy.dtype if rollout_copy else compute_dtype
+    cuda_graphs = getattr(args, "cuda_graphs", False) and ps.device.type == "cuda"  # decode steps as CUDA graphs
     start_step = run.start_step
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
     loss_cfg = LossConfig.from_args(args)
@@ -336,7 +337,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         completions = generate_rollouts(sampler, [p.ids for p in mine], params, tok.end_ids, ps,
                                         max_batch_size=args.rollout_batch_size, max_seq_len=args.max_seq_len,
                                         seed=args.seed * 1_000_003 + step, prompt_keys=[p.index for p in mine],
-                                        compute_dtype=sampler_dtype) if mine else []
+                                        compute_dtype=sampler_dtype, static_decode=cuda_graphs) if mine else []
         rollouts = [Rollout(p, s, c.token_ids, c.finish_reason, c.logprobs)
                     for p, samples in zip(mine, completions) for s, c in enumerate(samples)]
         t_rollout = time.time() - t0
