@@ -117,7 +117,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'dtype':>9}{'thr':>4}{'batch':>6}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}"
           f"{'agree':>7}{'load':>6}")
     for r in rows:
-        print(f"{r['dtype']:>9}{r['threads']:>4}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
+        print(f"{r['dtype']:>9}{r.get('threads', 1):>4}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
               f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
               f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}")  # older rows lack it
 
