@@ -242,3 +242,19 @@ def report(request):
 @pytest.mark.parametrize("name", [c.__name__ for c in CHECKS])
 def test_parallel_layer(report, name):
     assert_check(report, name)
+
+
+def test_entropy_in_row_chunks_equals_the_whole_softmax(monkeypatch):
+    """The entropy's forward runs in cache-sized row chunks over two reused buffers: with chunks of a few rows
+    (and padded vocab entries at -inf, fp32 and bf16 logits) it equals the entropy of the whole softmax."""
+    import llama_rlhf.parallel.cross_entropy as ce
+    monkeypatch.setitem(ce.CHUNK_ELEMENTS, "cpu", 3 * 11)  # 3 rows of 11 per chunk: 4 chunks for 10 rows
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 11, generator=g) * 3
+    logits[..., -2:] = float("-inf")
+    for x in (logits, logits.bfloat16()):
+        p = torch.softmax(x.float(), -1)
+        want = -(p * torch.log_softmax(x.float(), -1)).nan_to_num(0.0).sum(-1)
+        got = vocab_parallel_entropy(x, None)
+        assert got.shape == (2, 5) and got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()

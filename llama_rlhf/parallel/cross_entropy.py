@@ -115,16 +115,29 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, group):
-        x = upcast(logits)  # [N, V/mp]
-        row_max = all_reduce(x.max(dim=-1, keepdim=True).values, group, op=dist.ReduceOp.MAX)
-        x = x - row_max
-        p_unnorm = x.exp()
-        sums = all_reduce(torch.stack([p_unnorm.sum(-1), (p_unnorm * torch.nan_to_num(x, neginf=0.0)).sum(-1)]),
-                          group)
+        x = logits.reshape(-1, logits.shape[-1])  # [N, V/mp]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        chunks = _row_chunks(*x.shape, device=x.device)  # cache-sized row chunks, two reused buffers
+        row_max = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        for c in chunks:
+            row_max[c] = x[c].max(dim=-1).values.to(acc)
+        row_max = all_reduce(row_max, group, op=dist.ReduceOp.MAX)
+        sums = torch.empty(2, x.shape[0], dtype=acc, device=x.device)  # [sum exp, sum exp * shifted logit]
+        rows = chunks[0].stop if chunks else 0
+        shifted_buf, p_buf = (torch.empty(rows, x.shape[1], dtype=acc, device=x.device) for _ in range(2))
+        for c in chunks:
+            shifted, p = shifted_buf[: c.stop - c.start], p_buf[: c.stop - c.start]
+            torch.sub(x[c], row_max[c].unsqueeze(-1), out=shifted)
+            torch.exp(shifted, out=p)
+            sums[0, c] = p.sum(-1)
+            shifted.nan_to_num_(neginf=0.0)  # padded vocab entries: exp 0, and 0 * -inf must not become NaN
+            sums[1, c] = shifted.mul_(p).sum(-1)
+        sums = all_reduce(sums, group)
         sum_exp, weighted = sums[0], sums[1]
         entropy = torch.log(sum_exp) - weighted / sum_exp
-        ctx.save_for_backward(logits, torch.log(sum_exp) + row_max.squeeze(-1), entropy)
-        return entropy
+        ctx.save_for_backward(logits, (torch.log(sum_exp) + row_max).view(logits.shape[:-1]),
+                              entropy.view(logits.shape[:-1]))
+        return entropy.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):

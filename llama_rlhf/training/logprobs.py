@@ -41,7 +41,9 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
     def chunk(h, t):  # [n, h], [n] -> log-probs [n], entropy [n]
         with autocast(compute_dtype, ps.device):
             logits = model.logits(h)  # [n, V/mp]
-        logits = upcast(logits) / temperature if temperature > 0 else upcast(logits)  # fp64 stays fp64
+        logits = upcast(logits)  # fp64 stays fp64
+        if temperature > 0 and temperature != 1.0:  # x / 1 == x exactly: no pass over [n, V/mp] for it
+            logits = logits / temperature
         entropy = None
         if with_entropy:
             entropy = vocab_parallel_entropy(logits, ps.mp_group, differentiable=entropy_grad)
