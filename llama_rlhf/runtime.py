@@ -79,6 +79,13 @@ def collective_failure(exc: BaseException) -> str | None:
     return None
 
 
+def report(message: str) -> None:
+    """One line (or block) to stderr in a single write: print's separate write of the newline let two ranks'
+    error lines run together on a shared pipe ("...intact)[rank 0] error: ...")."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 def run_main(main) -> None:
     """Run ``main()``; on any error print it with this rank's label and exit non-zero at once.
 
@@ -95,19 +102,18 @@ def run_main(main) -> None:
     except Stopped as exc:
         sys.stdout.flush()
         if launch_rank() == "0":
-            print(f"{rank_label()} {exc}", file=sys.stderr, flush=True)
+            report(f"{rank_label()} {exc}")
         sys.stderr.flush()
         os._exit(exc.code)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the process non-zero
         debug = os.environ.get("LLAMA_RLHF_DEBUG")
         collective = None if debug else collective_failure(exc)
         if isinstance(exc, EXPECTED_ERRORS) and not debug:
-            print(f"{rank_label()} error: {exc}", file=sys.stderr, flush=True)
+            report(f"{rank_label()} error: {exc}")
         elif collective:
-            print(f"{rank_label()} error: {collective}", file=sys.stderr, flush=True)
+            report(f"{rank_label()} error: {collective}")
         else:
-            print(f"{rank_label()} error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
-                  file=sys.stderr, flush=True)
+            report(f"{rank_label()} error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         sys.stdout.flush()
         os._exit(1)
     sys.stdout.flush()
