@@ -95,6 +95,10 @@ def parse_args(argv=None):
     add_memory_flags(o)
     add_lora_flags(p)
     add_bool(o, "--mask_truncated_completions", False, "leave completions that hit max_new_tokens out of the loss")
+    add_bool(o, "--shared_prompts", True, "update: each row holds one prompt and all of its samples' completions in "
+             "the micro-batch, attending to the prompt and to themselves only, so the prompt's forward and backward "
+             "run once per group, not once per sample (the same loss and gradient; rows over 4096 tokens, and "
+             "--sequence_parallel_size > 1, use one row per sample)")
     c = p.add_argument_group("checkpoints and logs")
     c.add_argument("--save_dir", required=True, help="where checkpoint-N folders (HF format + training state) go")
     c.add_argument("--log_dir", default=None, help="metrics.jsonl goes here (default: --save_dir)")

@@ -52,6 +52,7 @@ def settings(quick: bool) -> list[dict]:
         return [row] + [dict(row, **p) for p in precisions]
     full = [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=beta) for beta in (0.0, 0.04)]
     full += [dict(full[0], **p) for p in precisions]
+    full += [dict(full[0], shared_prompts=False)]  # the update with one row per sample (what TRL computes)
     # LoRA r=16 on every linear, the KL reference = the adapters-off model on both sides (TRL with a peft_config)
     return full + [dict(base, prompts=4, group=4, new_tokens=48, steps=4, beta=0.04, lr=1e-4, lora_rank=16)]
 
@@ -98,6 +99,8 @@ def run_ours(model_dir: str, prompts: str, work: str, cfg: dict) -> dict:
         cmd += ["--rollout_dtype", cfg["rollout_dtype"]]
     if cfg.get("rollout_quantization"):
         cmd += ["--rollout_quantization", cfg["rollout_quantization"]]
+    if not cfg.get("shared_prompts", True):
+        cmd += ["--shared_prompts", "false"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -206,7 +209,7 @@ def check_same_prompts(model_dir: str, prompts: str) -> bool:
     return True
 
 
-ROLLOUT_KEYS = ("rollout_dtype", "rollout_quantization")  # ours only: TRL's run for the same settings is reused
+ROLLOUT_KEYS = ("rollout_dtype", "rollout_quantization", "shared_prompts")  # ours only: TRL's run is reused
 
 
 def measure(model_dir: str, cfg: dict, trl_runs: dict | None = None) -> dict:
@@ -227,6 +230,7 @@ def measure(model_dir: str, cfg: dict, trl_runs: dict | None = None) -> dict:
                                   "top_p", "top_k", "lr")}, "lora_rank": cfg.get("lora_rank", 0),
            "rollout_dtype": cfg.get("rollout_dtype") or cfg["dtype"],
            "rollout_quantization": cfg.get("rollout_quantization") or "none",
+           "shared_prompts": cfg.get("shared_prompts", True),
            "llama_rlhf_logprob_diff_mean": statistics.mean(ours["logprob_diff"]),
            "threads": os.environ.get("LLAMA_RLHF_NUM_THREADS", "default"),
            "llama_rlhf_peak_memory_mb": ours["peak_memory_mb"], "trl_peak_memory_mb": trl["peak_memory_mb"],
@@ -260,6 +264,8 @@ def format_table(rows: list[dict]) -> str:
             rollouts += "+" + r["rollout_quantization"]
         if r.get("lora_rank"):
             rollouts += f" lora{r['lora_rank']}"
+        if not r.get("shared_prompts", True):
+            rollouts += " unshared"
         lines.append(f"{r['prompts']:>5} x {r['group']:<3} {r['new_tokens']:>4} {r['beta']:>5} {rollouts:>14} "
                      f"{span(r['llama_rlhf_step_s']):>19} {span(r['trl_step_s']):>19} {r['speedup_vs_trl']:>7.2f}x "
                      f"{span(r['llama_rlhf_rollout_s']):>19} {span(r['trl_rollout_s']):>19} "

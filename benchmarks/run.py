@@ -295,12 +295,13 @@ def summarize_comm(rows):
     return out
 
 
-def rollout_precision_label(r) -> str:
-    """", rollouts bfloat16+int8" for rows whose rollouts ran in another precision than the trainer (else "")."""
+def variant_label(r) -> str:
+    """", rollouts bfloat16+int8" for rows whose rollouts ran in another precision than the trainer, ", one update
+    row per sample" for rows without shared prompts (else "")."""
     dtype, quant = r.get("rollout_dtype", r["dtype"]), r.get("rollout_quantization", "none")
-    if dtype == r["dtype"] and quant == "none":
-        return ""
-    return f", rollouts {dtype}" + (f"+{quant}" if quant != "none" else "")
+    label = "" if dtype == r["dtype"] and quant == "none" else f", rollouts {dtype}" + (f"+{quant}" if quant != "none"
+                                                                                       else "")
+    return label + ("" if r.get("shared_prompts", True) else ", one update row per sample")
 
 
 def summarize_grpo_step(rows):
@@ -308,7 +309,7 @@ def summarize_grpo_step(rows):
     for r in rows:
         config = (f"GRPO {r['prompts']} prompts x {r['group']}, {r['new_tokens']} new tokens, beta {r['beta']}, "
                   f"{r['dtype']}" + (f", LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")
-                  + rollout_precision_label(r))
+                  + variant_label(r))
         out.append(line("grpo_step", config, "step s", r["llama_rlhf_step_s"], r["trl_step_s"], "TRL GRPOTrainer",
                         r["speedup_vs_trl"], "faster", 2))
         out.append(line("grpo_step", config, "rollout s", r["llama_rlhf_rollout_s"], r["trl_rollout_s"],
@@ -448,7 +449,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                   if r["batch"] == 16 and r.get("threads", 1) == 1), None)
     load3 = next((r for r in rows.get("load", []) if r["impl"] == "llama_rlhf" and r["mp"] == 3
                   and r["status"] == "ok"), None)
-    grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0 and not rollout_precision_label(r)]
+    grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0 and not variant_label(r)]
     zero_bf16 = [r for r in rows.get("memory", []) if r.get("kind") != "mfu" and r["zero_stage"] == 1]
     data = [r for r in rows.get("data", []) if r["samples"] >= 1_000_000]
     return [

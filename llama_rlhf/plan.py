@@ -19,7 +19,9 @@ Pure arithmetic over the config (no weights, no torch): the counts are the ones 
   gradient over them; then the LM head's weight gradient.
 - GRPO: the frozen reference (--beta > 0, no LoRA) in the compute dtype, the rollouts' KV cache (rows x
   (max_seq_len + max(32, max_seq_len / 4)) slots, as solver_grpo allocates it), the fp32 logits and the entropy
-  temporaries of one row chunk of the update (1 GiB of fp32 logits; chunks are recomputed in backward).
+  temporaries of one row chunk of the update (1 GiB of fp32 logits; chunks are recomputed in backward). With
+  shared prompts (one row per prompt and its samples' completions; not under SP) the update's tokens are at most
+  the per-sample rows' (the bound above stays), plus the rows' attention masks (shared_prompt_mask_bytes).
   --rollout_dtype / --rollout_quantization int8: the rollout copy (inference/rollout_model.py), held all run:
   every tensor not already in the rollout dtype converted (int8 decoder linears: 1 byte per weight + a 4-byte
   scale per output row of this rank's slice); tensors the policy holds in that form are shared (0 bytes). The
@@ -52,6 +54,7 @@ ZERO_STAGES = (0, 1)  # training/distributed_optimizer.py (imports torch; kept e
 BUCKET_ELEMS = 32 * 2**20 // 4  # DistributedAdamW's default bucket (32 MB of fp32)
 PREFILL_TOKENS = 16384  # generation.PREFILL_TOKENS
 GRPO_LOGIT_CHUNK_BYTES = 2**30  # training/logprobs.py LOGIT_CHUNK_BYTES: fp32 logits of one row chunk
+SHARED_ROW_TOKENS = 4096  # training/update_batch.py: the longest row of one prompt + its samples' completions
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # models/lora.py
 QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0}  # per base parameter (models/quant.py; int8 adds 4 bytes per row)
 
@@ -190,6 +193,7 @@ class Job:
     quantize_base: str | None = None  # "int8" | "nf4": the decoder linears of the frozen base (models/quant.py)
     rollout_dtype: str | None = None  # GRPO: the rollout copy's dtype (inference/rollout_model.py)
     rollout_quantization: str | None = None  # GRPO: "int8" decoder linears in the rollout copy
+    shared_prompts: bool = True  # GRPO: one update row per prompt and its samples (training/update_batch.py)
 
 
 CANONICAL_DTYPE = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -213,6 +217,21 @@ def rollout_copy_bytes(cfg: ModelConfig, mp: int, job: "Job", source_dtype: str)
     if same or (job.lora_rank > 0 and job.quantize_base):  # sampled as held / the quantized base is shared
         return converted_rest
     return counts["total"] * DTYPE_BYTES[r]
+
+
+def shared_prompt_mask_bytes(cfg: ModelConfig, layout: "Layout", job: "Job") -> int:
+    """GRPO's update with shared prompts (not under SP): per sliding-window setting, the additive attention mask
+    [rows, 1, L, L] in the compute dtype that every layer shares, and the boolean one it is built from, for the
+    micro-batch's prompt rows (micro-batches are contiguous slices of the rollouts, which come in groups of G)."""
+    rows, group = job.train_batch_size or job.max_batch_size * job.num_samples_per_prompt, job.num_samples_per_prompt
+    per_prompt = min(group, rows)
+    if job.job != "grpo" or not job.shared_prompts or layout.sp > 1 or per_prompt < 2:
+        return 0
+    aligned = rows % group == 0 or group % rows == 0
+    prompt_rows = math.ceil(rows / group) if aligned else math.ceil((rows - 1) / group) + 1
+    length = min(SHARED_ROW_TOKENS, job.max_seq_len - job.max_new_tokens + per_prompt * job.max_new_tokens)
+    windows = len({cfg.layer_window(i) for i in range(cfg.num_layers)})
+    return prompt_rows * length ** 2 * (windows * DTYPE_BYTES[job.dtype] + 1)
 
 
 def packed_copy_bytes(cfg: ModelConfig, mp: int, job: "Job") -> tuple[int, bool]:
@@ -298,7 +317,8 @@ def plan(cfg: ModelConfig, layout: Layout, job: Job, gpu_memory_gb: float = 80.0
         activations += per_layer_weights * (1 if layout.activation_checkpointing else cfg.num_layers)
     parts["activations"] = activations
     parts["logits"] = logits
-    phases = {"train step": persistent + activations + logits}
+    parts["update_masks"] = shared_prompt_mask_bytes(cfg, layout, job)
+    phases = {"train step": persistent + activations + logits + parts["update_masks"]}
     if device == "cpu" and stage == 1 and n > 1:
         parts["gloo_buffers"] = flat * 4
         phases["train step"] += flat * 4
@@ -465,6 +485,8 @@ def parse_args(argv=None):
                    help="GRPO: the rollout copy's dtype (solver_grpo.py)")
     p.add_argument("--rollout_quantization", default="none", choices=("none", "int8"),
                    help="GRPO: int8 decoder linears in the rollout copy")
+    p.add_argument("--shared_prompts", default="true", choices=("true", "false"),
+                   help="GRPO: one update row per prompt and its samples' completions (solver_grpo.py)")
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--lora_target_modules", default="all-linear")
     p.add_argument("--lora_dropout", type=float, default=0.0)
@@ -501,7 +523,7 @@ def _job(args) -> Job:
                         "quantized and rollouts sample from it; drop one")
     return Job(args.job, args.dtype, args.max_seq_len, args.max_batch_size, args.num_samples_per_prompt,
                args.max_new_tokens, args.beta, args.rollout_batch_size, args.train_batch_size, args.lora_rank,
-               targets, args.lora_dropout, quantize, args.rollout_dtype, rollout_quant)
+               targets, args.lora_dropout, quantize, args.rollout_dtype, rollout_quant, args.shared_prompts == "true")
 
 
 def main(argv=None) -> int:

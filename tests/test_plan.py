@@ -203,6 +203,8 @@ def test_constants_agree_with_the_code():
     from llama_rlhf.training.logprobs import LOGIT_CHUNK_BYTES
     assert planner.ZERO_STAGES == ZERO_STAGES and planner.PREFILL_TOKENS == PREFILL_TOKENS
     assert planner.GRPO_LOGIT_CHUNK_BYTES == LOGIT_CHUNK_BYTES
+    from llama_rlhf.training.update_batch import SHARED_ROW_TOKENS
+    assert planner.SHARED_ROW_TOKENS == SHARED_ROW_TOKENS
 
 
 def test_search_lists_fitting_layouts_best_first():
@@ -304,3 +306,29 @@ def test_cpu_packed_weight_copies_are_what_packing_allocates():
     p = planner.plan(cfg, layout, lora, overhead_gb=0.0, device="cpu")
     q = planner.plan(cfg, layout, lora, overhead_gb=0.0, device="cuda")
     assert p.phases["train step"] - q.phases["train step"] == 2 * (decoder + vocab * h), "kept through training"
+
+
+def test_shared_prompt_masks_are_what_the_update_builds(monkeypatch):
+    from llama_rlhf.models import transformer
+    from llama_rlhf.models.pretrained import build_model
+    from llama_rlhf.parallel.state import single_process_state
+    from llama_rlhf.training.grpo import Prompt, Rollout
+    from llama_rlhf.training.update_batch import completion_batch
+    import dataclasses
+    cfg = dataclasses.replace(ModelConfig(**TINY), sliding_window=6, sliding_window_layers=[True, False])
+    job = planner.Job("grpo", "float32", 24, 2, 4, 8)  # the longest prompts (16) and completions (8)
+    rollouts = [Rollout(Prompt(p, [p + 1] * 16, {}), s, [7] * 8, "length", []) for p in range(2) for s in range(4)]
+    made = []
+    real = transformer.additive_mask
+    monkeypatch.setattr(transformer, "additive_mask", lambda m, dtype: made.append(real(m, dtype)) or made[-1])
+    batch = completion_batch(rollouts, 0, ())
+    with torch.no_grad():
+        build_model(cfg, single_process_state())(batch["input_ids"], position_ids=batch["position_ids"],
+                                                 branches=batch["branches"], hidden_only=True)
+    layout = planner.make_layout(cfg, 1, 1, 1, 0, False)
+    held = sum(m.numel() * m.element_size() for m in made) + made[0].numel()  # + one boolean mask being converted
+    assert len(made) == 2 and made[0].shape == (2, 1, 48, 48)
+    assert planner.shared_prompt_mask_bytes(cfg, layout, job) == held == 2 * 48 ** 2 * (2 * 4 + 1)
+    assert planner.shared_prompt_mask_bytes(cfg, layout, dataclasses.replace(job, shared_prompts=False)) == 0
+    misaligned = dataclasses.replace(job, train_batch_size=3)  # a slice of 3 spans up to 2 prompts, rows of <= 3
+    assert planner.shared_prompt_mask_bytes(cfg, layout, misaligned) == 2 * (16 + 3 * 8) ** 2 * (2 * 4 + 1)

@@ -57,22 +57,43 @@ def build_mask(q_len: int, k_len: int, q_start: int, device, segment_ids=None, k
     return allowed | (k_idx == q_idx).view(1, 1, q_len, k_len)
 
 
+def shared_prefix_mask(branches: torch.Tensor, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean mask [B, 1, S, S] (True = may attend) for rows holding one prefix followed by several continuations of
+    it, one after another: ``branches`` [B, S] is 0 on the prefix, k >= 1 on continuation k, -1 on padding. A token
+    sees the earlier tokens of the prefix and of its own continuation, and itself; ``window`` limits the distance in
+    ``positions`` [B, S] (each continuation's positions carry on from the prefix's, so they are the true distances)."""
+    s = branches.shape[1]
+    slot = torch.arange(s, device=branches.device)
+    q_branch, k_branch = branches.unsqueeze(-1), branches.unsqueeze(1)  # [B, S, 1], [B, 1, S]
+    allowed = (slot.view(-1, 1) >= slot.view(1, -1)) & ((k_branch == 0) | (k_branch == q_branch)) & (k_branch >= 0)
+    if window is not None:
+        allowed = allowed & (positions.unsqueeze(-1) - positions.unsqueeze(1) < window)
+    return (allowed | (slot.view(-1, 1) == slot.view(1, -1))).unsqueeze(1)  # [B, S, S] -> [B, 1, S, S]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> 0 where allowed, -inf elsewhere, in ``dtype``: built once per forward and shared by every
+    layer (SDPA converts a boolean mask per call, and each layer's autograd would keep its own converted copy)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, S, Hkv, D] -> [B, S, Hkv * n_rep, D], each KV head repeated for its group of query heads."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
 
 
 def softcapped_attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
-    """Explicit attention with tanh soft-capping of the scores (Gemma 2); softmax in fp32.
+    """Explicit attention with tanh soft-capping of the scores (Gemma 2); softmax in at least fp32.
 
-    q [B, Sq, H, D], k/v [B, Sk, H, D], mask [B|1, 1, Sq, Sk] or None (causal) -> [B, Sq, H, D].
+    q [B, Sq, H, D], k/v [B, Sk, H, D], mask [B|1, 1, Sq, Sk] (boolean or additive) or None (causal) -> [B, Sq, H, D].
     """
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    up = (lambda t: t.float()) if q.element_size() < 4 else (lambda t: t)  # at least fp32 (fp64 stays fp64)
+    scores = torch.einsum("bqhd,bkhd->bhqk", up(q), up(k)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - q.shape[1])
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask  # additive
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
@@ -98,6 +119,8 @@ def attention(q, k, v, scale: float, mask=None, softcap: float | None = None,
     with a mask falls back to the math kernel (fp32 [B, H, S, S] scores), the repeat keeps the efficient one.
     """
     n_rep = q.shape[2] // k.shape[2]
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:  # additive masks match q
+        mask = mask.to(q.dtype)
     if varlen is not None and flash_attn_varlen_func is not None and flash_ok(q) and q.shape[1] == k.shape[1]:
         (b, s, h, d), (cu, longest) = q.shape, varlen
         out = flash_attn_varlen_func(q.reshape(b * s, h, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d),

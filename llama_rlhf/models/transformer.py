@@ -20,7 +20,7 @@ from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabPar
                                replicated)
 from ..parallel.state import ParallelState
 from . import attention as attention_module
-from .attention import attention, build_mask, varlen_plan
+from .attention import additive_mask, attention, build_mask, shared_prefix_mask, varlen_plan
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -172,15 +172,20 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                kv_cache=None, hidden_only: bool = False) -> torch.Tensor:
+                kv_cache=None, hidden_only: bool = False, branches: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] (this rank's tokens) -> logits [B, S, V_padded / MP] (or hidden states [B, S, h]).
 
         position_ids default to 0..S-1 (or continue a KV cache). With sequence parallelism the caller passes
-        the zigzag chunk's tokens and true positions.
+        the zigzag chunk's tokens and true positions. ``branches`` [B, S]: each row is one prompt (0) followed by
+        several completions of it (1, 2, ...; -1 padding) that attend to the prompt and to themselves only
+        (``attention.shared_prefix_mask``); whole rows on every rank, with the completions' true position_ids.
         """
         b, s = input_ids.shape
+        if branches is not None and (position_ids is None or segment_ids is not None or key_valid is not None
+                                     or kv_cache is not None):
+            raise ValueError("branches need explicit position_ids and no segment_ids, key_valid or kv_cache")
         # generation (a KV cache) runs whole sequences on every rank; SP peers hold the same weights
-        sp_group = self.ps.sp_group if self.ps.sp_size > 1 and kv_cache is None else None
+        sp_group = self.ps.sp_group if self.ps.sp_size > 1 and kv_cache is None and branches is None else None
         if sp_group is not None:
             if key_valid is not None:
                 raise ValueError("--sequence_parallel_size > 1 is for training on right-padded batches: key "
@@ -194,12 +199,19 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(q_start, q_start + s, device=input_ids.device).expand(b, s)
         cos, sin = self.model.rotary(position_ids)
         ctx = ForwardContext(cos, sin, segment_ids, key_valid, kv_cache, sp_group, masks={},
-                             window_only=segment_ids is None and key_valid is None and kv_cache is None)
+                             window_only=segment_ids is None and key_valid is None and kv_cache is None
+                             and branches is None)
         if (sp_group is None and segment_ids is not None and key_valid is None and kv_cache is None
                 and attention_module.flash_attn_varlen_func is not None and attention_module.on_cuda(input_ids)):
             ctx.varlen = varlen_plan(segment_ids)  # once per forward, for every layer
         windows = {self.cfg.layer_window(i) for i in range(self.cfg.num_layers)}
-        if getattr(kv_cache, "static", False):  # fixed-shape decode (inference/static_step.py): masks from tensors
+        if branches is not None:  # one prompt and its completions per row (training/update_batch.py)
+            device_type = input_ids.device.type
+            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else self.model.embed_tokens.weight.dtype)  # what q has in attention
+            ctx.masks = {window: additive_mask(shared_prefix_mask(branches, position_ids, window), dtype)
+                         for window in windows}
+        elif getattr(kv_cache, "static", False):  # fixed-shape decode (inference/static_step.py): masks from tensors
             ctx.masks = kv_cache.masks(windows)
         elif sp_group is None:
             k_len = q_start + s
@@ -228,7 +240,7 @@ class CausalLM(nn.Module):
             logits = self.lm_head(hidden)
         cap = self.cfg.final_logit_softcap
         if cap is not None:
-            logits = torch.tanh(logits.float() / cap) * cap
+            logits = torch.tanh((logits.float() if logits.element_size() < 4 else logits) / cap) * cap
         start, stop = self._vocab_range()
         if stop > self.cfg.vocab_size:  # this rank holds padding rows: mask them out of every softmax
             logits = logits.masked_fill(torch.arange(start, stop, device=logits.device) >= self.cfg.vocab_size,

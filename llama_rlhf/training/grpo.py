@@ -31,6 +31,7 @@ from ..runtime import UsageError, log
 from ..inference.sampling import SamplingParams
 from .evaluation import HeldOutEval, due
 from .logprobs import global_sum, local_part, sequence_sum, token_logprobs
+from .update_batch import completion_values, rollout_batch, update_batch  # noqa: F401 (rollout_batch: tests)
 from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
 from ..rewards import build_rewards, reward_sample, score, total
 from .setup import TrainingRun
@@ -82,46 +83,6 @@ def load_prompts(path: str, tok, use_chat_template: bool, system_prompt: str | N
     return prompts, cut
 
 
-def rollout_batch(rollouts: list[Rollout], pad_id: int, multiple: int, fields=("old", "ref", "adv")) -> dict:
-    """[B, S] tensors for the update, right-padded to a multiple of ``multiple``. Position t of every field
-    describes the token at t + 1 (labels are shifted): only completion tokens have labels."""
-    length = max(len(r.prompt.ids) + len(r.completion_ids) for r in rollouts)
-    length = int(math.ceil(length / multiple) * multiple)
-    b = len(rollouts)
-    batch = {"input_ids": torch.full((b, length), pad_id, dtype=torch.long),
-             "labels": torch.full((b, length), IGNORE_INDEX, dtype=torch.long),
-             "position_ids": torch.arange(length).repeat(b, 1)}
-    for name in fields:
-        batch[name] = torch.zeros(b, length)
-    for i, r in enumerate(rollouts):
-        p, c = len(r.prompt.ids), len(r.completion_ids)
-        batch["input_ids"][i, :p + c] = torch.tensor(r.prompt.ids + r.completion_ids)
-        if c:
-            span = slice(p - 1, p + c - 1)  # positions that predict the completion tokens
-            batch["labels"][i, span] = torch.tensor(r.completion_ids)
-            if "old" in fields and r.old_logprobs is not None:
-                batch["old"][i, span] = r.old_logprobs
-            if "ref" in fields and r.ref_logprobs is not None:
-                batch["ref"][i, span] = r.ref_logprobs
-            if "adv" in fields:
-                batch["adv"][i, span] = r.advantage
-            if "sampler" in fields and len(r.sampler_logprobs) == c:
-                batch["sampler"][i, span] = torch.tensor(r.sampler_logprobs, dtype=torch.float32)
-    return batch
-
-
-def completion_values(values: torch.Tensor, rollouts: list[Rollout], batch_len: int, ps) -> list[torch.Tensor]:
-    """Per-rollout completion log-probs [len] from per-position values [B, S_local] (gathered over SP)."""
-    if ps.sp_size > 1:
-        from ..parallel.sequence_split import gather_zigzag
-        values = gather_zigzag(values, ps.sp_group)
-    out = []
-    for i, r in enumerate(rollouts):
-        p, c = len(r.prompt.ids), len(r.completion_ids)
-        out.append(values[i, p - 1:p + c - 1].detach().float().cpu())
-    return out
-
-
 STAT_NAMES = ("loss", "kl", "low_clip", "high_clip", "entropy", "tokens", "mismatch_abs", "mismatch_kl",
               "mismatch_tokens")
 
@@ -157,15 +118,17 @@ def mismatch_sums(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tens
 def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, compute_dtype, pad_id: int,
                   loss: LossConfig, global_sequences: int, global_tokens: float, global_micro_batches: int,
                   max_completion_length: int, mask_truncated: bool, on_policy: bool,
-                  loss_scale: float = 1.0, measure_mismatch: bool = False) -> UpdateStats:
+                  loss_scale: float = 1.0, measure_mismatch: bool = False, share_prompts: bool = True) -> UpdateStats:
     """Forward + backward of one micro-batch of rollouts; returns its (unnormalised) metric sums, on the device.
 
     ``on_policy`` (one update per rollout batch): the old log-probs are the trainer's current ones, detached
     (never the sampler's). ``measure_mismatch``: also sum the sampler-trainer mismatch (``mismatch_sums``) of these
-    log-probs. The global counts are those of the optimizer step (see grpo_loss.token_weights).
+    log-probs. The global counts are those of the optimizer step (see grpo_loss.token_weights). ``share_prompts``:
+    each prompt runs once per micro-batch, followed by its samples' completions (training/update_batch.py; not
+    under SP).
     """
     fields = ("old", "ref", "adv") + (("sampler",) if measure_mismatch else ())
-    batch = rollout_batch(rollouts, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1, fields)
+    batch = update_batch(rollouts, pad_id, ps, fields, share_prompts)
     mask = (batch["labels"] != IGNORE_INDEX).float()
     if mask_truncated:
         mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=mask.device).unsqueeze(-1)
@@ -199,13 +162,13 @@ def grpo_backward(model, rollouts: list[Rollout], ps, *, temperature: float, com
 
 @torch.no_grad()
 def fill_logprobs(model, rollouts: list[Rollout], ps, attr: str, temperature: float, compute_dtype, pad_id: int,
-                  micro_batch: int) -> None:
+                  micro_batch: int, share_prompts: bool = True) -> None:
     """Set ``rollout.<attr>`` to each completion's token log-probs under ``model`` (no grad)."""
     for start in range(0, len(rollouts), micro_batch):
         chunk = rollouts[start:start + micro_batch]
-        batch = rollout_batch(chunk, pad_id, 2 * ps.sp_size if ps.sp_size > 1 else 1, fields=())
+        batch = update_batch(chunk, pad_id, ps, (), share_prompts)
         logp, _ = token_logprobs(model, local_part(batch, ps), ps, temperature, compute_dtype)
-        for r, values in zip(chunk, completion_values(logp, chunk, batch["input_ids"].shape[1], ps)):
+        for r, values in zip(chunk, completion_values(logp, chunk, batch, ps)):
             setattr(r, attr, values)
 
 
@@ -308,6 +271,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
     sampler = rollout_copy.model if rollout_copy else model
     sampler_dtype = rollout_copy.dtype if rollout_copy else compute_dtype
     cuda_graphs = getattr(args, "cuda_graphs", False) and ps.device.type == "cuda"  # decode steps as CUDA graphs
+    share = getattr(args, "shared_prompts", True)  # one prompt + its samples' completions per update row
     start_step = run.start_step
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, group)
     loss_cfg = LossConfig.from_args(args)
@@ -347,10 +311,12 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
         micro = args.train_batch_size or max(map(len, parts)) or 1
         mismatch = None  # on-policy: measured inside the update's own forward
         if updates > 1:  # the trainer's log-probs before the first update (never the sampler's)
-            fill_logprobs(model, rollouts, ps, "old_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
+            fill_logprobs(model, rollouts, ps, "old_logprobs", args.temperature, compute_dtype, tok.pad_id, micro,
+                          share)
             mismatch = off_policy_mismatch(rollouts, ps.device)
         if reference is not None:
-            fill_logprobs(reference, rollouts, ps, "ref_logprobs", args.temperature, compute_dtype, tok.pad_id, micro)
+            fill_logprobs(reference, rollouts, ps, "ref_logprobs", args.temperature, compute_dtype, tok.pad_id, micro,
+                          share)
 
         def kept_tokens(part):
             return sum(len(r.completion_ids) for r in part if not (args.mask_truncated_completions and r.truncated))
@@ -373,7 +339,7 @@ def train_grpo(args, ps, compute_dtype: torch.dtype) -> str:
                                       max_completion_length=args.max_new_tokens,
                                       mask_truncated=args.mask_truncated_completions,
                                       on_policy=updates == 1, loss_scale=optimizer.loss_scale,
-                                      measure_mismatch=updates == 1)
+                                      measure_mismatch=updates == 1, share_prompts=share)
                     totals += s
                     step_loss = step_loss + s.values[0]  # stays on the device: no sync per micro-batch
                 step_loss = all_reduce(step_loss, ps.dpsp_group).item()  # one host sync per optimizer step

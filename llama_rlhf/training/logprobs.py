@@ -29,12 +29,19 @@ def token_logprobs(model, batch: dict, ps, temperature: float, compute_dtype, wi
     (0 where the label is ignored), and the entropy there. The LM head runs only on positions with a label (the
     completions), ``chunk_rows`` of them at a time (default: 1 GiB of fp32 logits); with grad, each chunk's
     logits are recomputed in backward, so a micro-batch never holds more than one chunk's. ``entropy_grad`` (an
-    entropy bonus) differentiates the entropy too."""
+    entropy bonus) differentiates the entropy too. A batch with ``index`` (training/update_batch.completion_batch)
+    has labels [R, C] per completion token, predicted by the hidden states at ``index`` [R, C] of the flattened
+    rows; the results are [R, C] then."""
     labels = batch["labels"]
-    scored = labels != IGNORE_INDEX  # [B, S]; the same on every MP rank
+    scored = labels != IGNORE_INDEX  # [B, S] or [R, C]; the same on every MP rank
     with autocast(compute_dtype, ps.device):
-        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], hidden_only=True)  # [B, S, h]
-    rows, targets = hidden[scored], labels[scored]  # [N, h], [N]
+        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], hidden_only=True,
+                       branches=batch.get("branches"))  # [B, S, h]
+    if "index" in batch:  # [B * S, h] -> the predicting positions [N, h] (shared ones repeated; grads add up)
+        rows = hidden.reshape(-1, hidden.shape[-1])[batch["index"][scored]]
+    else:
+        rows = hidden[scored]  # [N, h]
+    targets = labels[scored]  # [N]
     width = model.model.embed_tokens.vocab_stop - model.model.embed_tokens.vocab_start  # V_padded / mp
     step = chunk_rows or max(1, LOGIT_CHUNK_BYTES // (4 * width))
 
