@@ -147,7 +147,7 @@ def check_sp_rollouts_are_split_and_equal_sp1(*_):
 
 
 def check_logits_in_row_chunks_equal_whole(*_):
-    from llama_rlhf.training.grpo import rollout_batch
+    from llama_rlhf.training.update_batch import rollout_batch
     from llama_rlhf.training.logprobs import local_part, token_logprobs
     ps = grid(2, 1)
     model = sharp_model(ps)

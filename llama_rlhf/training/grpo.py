@@ -5,6 +5,9 @@ KL penalty to a frozen reference, on the same MP/SP/DP layout; one or several op
 Each DP rank owns whole groups (its prompts and all their samples); every completion is a ``Rollout`` that
 carries its own ids, rewards, advantage, old and reference log-probs from sampling to update, never re-sorted.
 
+The update runs each prompt once per micro-batch, followed by all of its samples' completions in the same row
+(training/update_batch.py, --shared_prompts; one row per sample under SP).
+
 Rollouts may come from a sampling copy of the policy in another precision (--rollout_dtype, --rollout_quantization
 int8: inference/rollout_model.py), refreshed after updates. The loss never sees the sampler's log-probs: with one
 update per rollout batch the old log-probs are the trainer's own current ones (detached: what a recompute before
@@ -31,7 +34,7 @@ from ..runtime import UsageError, log
 from ..inference.sampling import SamplingParams
 from .evaluation import HeldOutEval, due
 from .logprobs import global_sum, local_part, sequence_sum, token_logprobs
-from .update_batch import completion_values, rollout_batch, update_batch  # noqa: F401 (rollout_batch: tests)
+from .update_batch import completion_values, update_batch
 from .grpo_loss import LossConfig, group_advantages, loss_share, mean_and_std, token_terms, token_weights
 from ..rewards import build_rewards, reward_sample, score, total
 from .setup import TrainingRun
