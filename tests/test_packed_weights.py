@@ -3,6 +3,7 @@
 - Inside ``packed_weights`` every linear (column, row, LoRA-adapted with non-zero adapters, untied and tied LM
   heads) computes what it computes outside, to fp32 rounding (bf16: to bf16 rounding); the parameters are not
   touched and every layer is restored afterwards, also when the block raises.
+- q/k/v and gate/up fused into one packed GEMM each equal the separate packed GEMMs (biases, LoRA deltas).
 - Greedy generation of a LoRA-adapted model gives the same tokens and log-probs with and without packing.
 """
 import pytest
@@ -50,14 +51,32 @@ def test_packed_forward_equals_plain(tied, lora, bias):
         want = model(ids)
         with packed_weights(model, torch.float32, rows=3) as on:
             assert on
-            swapped = [m for m in model.modules() if packable(m)]
-            assert len(swapped) == 2 * 7 + (0 if tied else 1), "every linear and the untied head is packed"
-            assert all("forward" in m.__dict__ for m in swapped)
+            swapped = [m for m in model.modules() if "forward" in m.__dict__]
+            assert len(swapped) == 2 * 2 + (0 if tied else 1), "o, down and the untied head run on their own"
+            assert all(packable(m) for m in swapped)
+            layers = model.model.layers
+            assert all(a.self_attn.packed_qkv is not None and a.mlp.packed_gate_up is not None for a in layers)
             assert (model.packed_head is not None) == tied
             got = model(ids)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
     assert not any("forward" in m.__dict__ for m in model.modules()) and model.packed_head is None
+    assert not any({"packed_qkv", "packed_gate_up"} & m.__dict__.keys() for m in model.modules())
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items()), "parameters changed"
+
+
+@pytest.mark.parametrize("lora,bias", [(False, True), (True, False)])
+def test_fused_projections_equal_separate_ones(lora, bias):
+    """q|k|v and gate|up as one packed GEMM each give what seven separate packed GEMMs give (same dot products:
+    fp32 rounding at most), biases and LoRA deltas landing in their own slices."""
+    model = tiny(tied=False, lora=lora, bias=bias)
+    ids = torch.randint(0, 70, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        with packed_weights(model, torch.float32, rows=2, fuse=False):
+            assert model.model.layers[0].self_attn.packed_qkv is None
+            separate = model(ids)
+        with packed_weights(model, torch.float32, rows=2):
+            fused = model(ids)
+    assert torch.allclose(fused, separate, rtol=1e-6, atol=1e-6), (fused - separate).abs().max()
 
 
 def test_packing_is_available_on_this_cpu():
@@ -83,6 +102,7 @@ def test_layers_are_restored_when_the_block_raises():
         with packed_weights(model, torch.float32, rows=1):
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in model.modules()) and model.packed_head is None
+    assert all(m.self_attn.packed_qkv is None and m.mlp.packed_gate_up is None for m in model.model.layers)
 
 
 def test_disabled_or_gpu_dtype_is_a_no_op():
@@ -122,12 +142,13 @@ def test_frozen_weights_keep_their_packed_copy_until_they_change():
     repacks them; trainable weights are packed anew on every call and keep nothing between calls."""
     model = tiny(tied=True, lora=False)
     ids = torch.randint(0, 70, (1, 4), generator=torch.Generator().manual_seed(3))
-    layer = model.model.layers[0].mlp.up_proj
+    mlp = model.model.layers[0].mlp
+    layer = mlp.up_proj  # packed with gate_proj as one copy, kept on the MLP
 
     def packed_copy():
         with torch.inference_mode(), packed_weights(model, torch.float32, rows=1):
             out = model(ids)
-        return layer.__dict__.get("_packed_cache", (None, None))[1], out
+        return mlp.__dict__.get("_packed_cache", (None, None))[1], out
 
     assert packed_copy()[0] is None, "a trainable weight must not keep a packed copy"
     model.requires_grad_(False)
@@ -145,3 +166,4 @@ def test_frozen_weights_keep_their_packed_copy_until_they_change():
     with torch.inference_mode():
         assert torch.allclose(out, model(ids), rtol=1e-5, atol=1e-5)
     assert model.model.embed_tokens.__dict__.get("_packed_cache") is not None, "the tied head is cached too"
+    assert mlp.down_proj.__dict__.get("_packed_cache") is not None, "and every unfused linear"

@@ -51,11 +51,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.element_size() < 4 else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (self.offset + self.weight.to(xf.dtype))).to(x.dtype)
+        scale = self.weight.to(xf.dtype)
+        return (xf * (scale + self.offset if self.offset else scale)).to(x.dtype)
 
 
 class Attention(nn.Module):
     """Query heads split across MP; KV heads split (n_kv % MP == 0) or replicated (MP % n_kv == 0)."""
+
+    packed_qkv = None  # set only inside inference.packed.packed_weights: x -> (q, k, v) from one packed GEMM
 
     def __init__(self, cfg: ModelConfig, ps: ParallelState, layer: int):
         super().__init__()
@@ -81,9 +84,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, s, _ = x.shape
         x = copy_to_group(x, self.group)  # fwd: identity, bwd: all-reduce over MP
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H/mp, D]
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, Hkv_local, D]
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if self.packed_qkv is not None:  # CPU generation: one GEMM on packed q|k|v weights (inference/packed.py)
+            q, k, v = self.packed_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.n_heads, self.head_dim)  # [B, S, H/mp, D]
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, Hkv_local, D]
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
@@ -102,6 +109,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)) with gate/up column-parallel and down row-parallel."""
 
+    packed_gate_up = None  # set only inside inference.packed.packed_weights: x -> (gate, up) from one packed GEMM
+
     def __init__(self, cfg: ModelConfig, ps: ParallelState):
         super().__init__()
         h, f = cfg.hidden_size, cfg.intermediate_size
@@ -113,7 +122,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_group(x, self.group)  # fwd: identity, bwd: all-reduce over MP
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # [B,S,h] -> [B,S,f/mp] -> [B,S,h]
+        if self.packed_gate_up is not None:  # CPU generation: one GEMM on packed gate|up weights
+            gate, up = self.packed_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)  # [B,S,h] -> [B,S,f/mp] -> [B,S,h]
 
 
 class DecoderLayer(nn.Module):
