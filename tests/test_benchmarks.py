@@ -261,7 +261,7 @@ def test_results_writer(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     data = json.load(open(paths["json"], encoding="utf-8"))
     assert data["machine"]["torch"] == torch.__version__ and data["quick"] is True
-    assert len(data["targets"]) == 9 and set(data["benchmarks"]) == set(results)
+    assert len(data["targets"]) == 10 and set(data["benchmarks"]) == set(results)
     table = data["table"]
     by = lambda bench, metric: [r for r in table if r["benchmark"] == bench and r["metric"] == metric]  # noqa: E731
     train_tps, same_malloc = [r for r in by("train_step", "tokens/s") if r["ours"] != "refused"]
