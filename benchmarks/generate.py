@@ -7,9 +7,11 @@ on CPU, the weight packing of inference/packed.py included, but our model is fro
 after the first call at a batch size the packed copies are reused), best of two interleaved runs. One torch
 thread on both sides, and in the full run fp32 again with two threads (the whole 2-core machine here). The greedy
 outputs are compared (fraction of tokens before the first difference); each row records the 1-minute load
-average when it was measured.
+average when it was measured. The chat prompts share SmolLM2's system prompt (24 of their 31-42 tokens), which our
+prefill runs once per batch (inference/prefix.py) and transformers once per prompt; the full run also times our
+side with every prompt prefilled whole at batch 16 and 64 (fp32, one thread), so that lever shows on its own.
 
-    python -m benchmarks.generate [--quick] [--unpacked] [--threads 1,2]
+    python -m benchmarks.generate [--quick] [--unpacked] [--whole_prefill] [--threads 1,2]
 """
 from __future__ import annotations
 
@@ -49,12 +51,14 @@ def time_hf(model, tokenizer, prompts, new_tokens: int) -> tuple[float, list[lis
     return seconds, out[:, batch["input_ids"].shape[1]:].tolist()
 
 
-def time_ours(model, ps, prompts, new_tokens: int, pack: bool = True) -> tuple[float, list[list[int]]]:
+def time_ours(model, ps, prompts, new_tokens: int, pack: bool = True,
+              share: bool = True) -> tuple[float, list[list[int]]]:
     from llama_rlhf.inference.engine import generate
     from llama_rlhf.inference.sampling import SamplingParams
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     start = time.perf_counter()
-    out = generate(model, prompts, params, end_ids=(), ps=ps, max_batch_size=len(prompts), pack_weights=pack)
+    out = generate(model, prompts, params, end_ids=(), ps=ps, max_batch_size=len(prompts), pack_weights=pack,
+                   share_prefixes=share)
     seconds = time.perf_counter() - start
     return seconds, [c[0].token_ids for c in out]
 
@@ -69,7 +73,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return total / len(a)
 
 
-def run(quick: bool = False, threads: tuple[int, ...] | None = None, pack: bool = True) -> list[dict]:
+def run(quick: bool = False, threads: tuple[int, ...] | None = None, pack: bool = True,
+        share: bool = True) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,16 +96,20 @@ def run(quick: bool = False, threads: tuple[int, ...] | None = None, pack: bool 
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         ours = load_pretrained(model_dir, "llama-hf", ps, dtype=dtype).requires_grad_(False)  # as solver_generate
         keep_freed_memory(ps.device)  # generate does this too; before HF's first run, so both sides get it
-        time_ours(ours, ps, chat_prompts(tokenizer, 2), 4, pack)  # warm-up
+        time_ours(ours, ps, chat_prompts(tokenizer, 2), 4, pack, share)  # warm-up
         time_hf(hf, tokenizer, chat_prompts(tokenizer, 2), 4)
         for batch in batches:
             prompts = chat_prompts(tokenizer, batch)
-            hf_times, our_times = [], []
+            # the shared-prefix lever on its own: the same call with every prompt prefilled whole
+            lever = share and not quick and batch > 1 and n_threads == 1 and dtype == torch.float32
+            hf_times, our_times, whole_times = [], [], []
             for _ in range(repeats):  # interleaved, best of ``repeats``: the machine may be shared
                 hf_s, hf_out = time_hf(hf, tokenizer, prompts, new_tokens)
-                our_s, our_out = time_ours(ours, ps, prompts, new_tokens, pack)
+                our_s, our_out = time_ours(ours, ps, prompts, new_tokens, pack, share)
                 hf_times.append(hf_s)
                 our_times.append(our_s)
+                if lever:
+                    whole_times.append(time_ours(ours, ps, prompts, new_tokens, pack, share=False)[0])
             hf_s, our_s = min(hf_times), min(our_times)
             tokens = batch * new_tokens
             rows.append({"benchmark": "generate", "model": "SmolLM2-135M-Instruct", "dtype": str(dtype).split(".")[1],
@@ -108,18 +117,23 @@ def run(quick: bool = False, threads: tuple[int, ...] | None = None, pack: bool 
                          "packed_weights": pack, "transformers_tokens_per_s": tokens / hf_s,
                          "llama_rlhf_tokens_per_s": tokens / our_s, "speedup_vs_transformers": hf_s / our_s,
                          "transformers_s": hf_s, "llama_rlhf_s": our_s, "greedy_agreement": agreement(hf_out, our_out),
-                         "load_average_1min": os.getloadavg()[0]})
+                         "shared_prefixes": share, "load_average_1min": os.getloadavg()[0]})
+            if whole_times:
+                rows[-1].update(whole_prefill_tokens_per_s=tokens / min(whole_times),
+                                whole_prefill_speedup_vs_transformers=hf_s / min(whole_times))
         del hf, ours
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'dtype':>9}{'thr':>4}{'batch':>6}{'new':>5}{'transformers tok/s':>20}{'llama_rlhf tok/s':>18}{'speedup':>9}"
-          f"{'agree':>7}{'load':>6}")
+          f"{'agree':>7}{'load':>6}{'whole-prompt prefill':>22}")
     for r in rows:
+        whole = (f"{r['whole_prefill_tokens_per_s']:>13.1f} {r['whole_prefill_speedup_vs_transformers']:>6.2f}x"
+                 if "whole_prefill_tokens_per_s" in r else "")
         print(f"{r['dtype']:>9}{r.get('threads', 1):>4}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
               f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
-              f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}")  # older rows lack it
+              f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}{whole:>22}")  # older rows lack some
 
 
 def main():
@@ -130,9 +144,12 @@ def main():
                         "bf16, then 2 threads fp32 in the full run)")
     p.add_argument("--unpacked", action="store_true",
                    help="our side without oneDNN-packed weights (generate(pack_weights=False)), to measure that lever")
+    p.add_argument("--whole_prefill", action="store_true",
+                   help="our side prefills every prompt whole (generate(share_prefixes=False)); by default the full "
+                        "run also times that at batch 16 and 64, fp32, one thread, to measure the shared prefix")
     args = p.parse_args()
     threads = tuple(int(n) for n in args.threads.split(",")) if args.threads else None
-    print_table(run(args.quick, threads, not args.unpacked))
+    print_table(run(args.quick, threads, not args.unpacked, not args.whole_prefill))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from ..parallel.cpu_allocator import keep_freed_memory
 from ..runtime import autocast
 from .packed import packed_weights
+from .prefix import PrefixedWindow, shared_prefix_length
 from .sampling import SamplingParams, next_tokens
 from .static_step import StaticDecodeStep
 
@@ -106,13 +107,27 @@ def _kv_layout(model) -> tuple[int, int]:
     return attn.n_kv_heads, attn.head_dim
 
 
+def _left_padded(seqs: list[list[int]], width: int, first_position: int = 0):
+    """Token lists -> ids, position ids (from ``first_position`` at each first real token) and validity, each
+    [len(seqs), width], every sequence right-aligned."""
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    positions = torch.zeros((len(seqs), width), dtype=torch.long)
+    valid = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, seq in enumerate(seqs):
+        n = len(seq)
+        ids[i, width - n:] = torch.tensor(seq)
+        positions[i, width - n:] = torch.arange(first_position, first_position + n)
+        valid[i, width - n:] = True
+    return ids, positions, valid
+
+
 class Generator:
     """Runs one ``generate`` call: holds the cache, the active rows and the queue of waiting samples."""
 
     def __init__(self, model, prompts, params: SamplingParams, end_ids, ps, max_batch_size: int,
                  max_seq_len: int | None, seed: int, prompt_keys, compute_dtype, progress, progress_every,
                  cache_slack: int | None = None, prefill_tokens: int = PREFILL_TOKENS,
-                 pack_weights: bool = True, static_decode: bool = False):
+                 pack_weights: bool = True, static_decode: bool = False, share_prefixes: bool = True):
         self.model, self.prompts, self.params, self.ps = model, prompts, params, ps
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.seed = seed
@@ -138,6 +153,8 @@ class Generator:
             raise ValueError("cache_slack must be >= 1")
         self.prefill_tokens = prefill_tokens
         self.packed = pack_weights
+        self.share_prefixes = share_prefixes
+        self.windows = {model.cfg.layer_window(i) for i in range(model.cfg.num_layers)}
         kv_heads, head_dim = _kv_layout(model)
         self.cache = KVCache(model.cfg.num_layers, self.rows, kv_heads, head_dim, self.capacity, self.dtype,
                              ps.device)
@@ -150,7 +167,7 @@ class Generator:
         self.prompts_left = [params.num_samples] * len(prompts)
         self.progress, self.progress_every = progress, progress_every
         self.done_prompts, self.new_tokens, self.t0, self.last_report = 0, 0, time.time(), time.time()
-        self.stats = {"prefills": 0, "decode_steps": 0, "shifts_left": 0, "shifts_right": 0, "row_moves": 0}
+        self.stats = {"prefills": 0, "shared_prefix_tokens": 0, "decode_steps": 0, "shifts_left": 0, "shifts_right": 0, "row_moves": 0}
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[list[Completion]]:
@@ -189,17 +206,10 @@ class Generator:
     def prefill(self, units: list[tuple[int, int]], prompt_ids: list[int]) -> None:
         lengths = [len(self.prompts[p]) for p in prompt_ids]
         width, device = max(lengths), self.ps.device
-        ids = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        positions = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for i, (p, n) in enumerate(zip(prompt_ids, lengths)):  # left padding
-            ids[i, width - n:] = torch.tensor(self.prompts[p])
-            positions[i, width - n:] = torch.arange(n)
-        scratch = KVCache(self.model.cfg.num_layers, len(prompt_ids), *_kv_layout(self.model), width, self.dtype,
-                          device)
-        scratch.valid.copy_(torch.arange(width) >= width - torch.tensor(lengths).view(-1, 1))
-        key_valid = None if min(lengths) == width else scratch.valid  # no padding: plain causal attention
-        logits = self.forward_last_logits(ids.to(device), positions.to(device), key_valid,
-                                          scratch.window(len(prompt_ids), 0, 0))  # [P, V_padded / MP]
+        shared = (shared_prefix_length([self.prompts[p] for p in prompt_ids], self.windows)
+                  if self.share_prefixes else 0)
+        logits, scratch = (self.prefill_shared(prompt_ids, shared) if shared
+                           else self.prefill_whole(prompt_ids))  # [P, V_padded / MP], a cache [P, ..., width, ...]
         self.stats["prefills"] += 1
         if self.t < width:  # make room on the left of the timeline for the longest prompt
             self.relayout(width - self.t)
@@ -210,6 +220,36 @@ class Generator:
         for p, s in units:
             self.active.append(_Row(p, s, len(self.prompts[p]), self.t - len(self.prompts[p])))
         self.choose(logits[which], self.active[n:])
+
+    def prefill_whole(self, prompt_ids: list[int]) -> tuple[torch.Tensor, KVCache]:
+        """Every prompt whole, left-padded -> last logits and their cache (each prompt in its last slots)."""
+        prompts = [self.prompts[p] for p in prompt_ids]
+        width, device = max(len(p) for p in prompts), self.ps.device
+        scratch = KVCache(self.model.cfg.num_layers, len(prompts), *_kv_layout(self.model), width, self.dtype, device)
+        ids, positions, valid = _left_padded(prompts, width)
+        scratch.valid.copy_(valid)
+        key_valid = None if min(len(p) for p in prompts) == width else scratch.valid  # no padding: plain causal
+        logits = self.forward_last_logits(ids.to(device), positions.to(device), key_valid,
+                                          scratch.window(len(prompts), 0, 0))
+        return logits, scratch
+
+    def prefill_shared(self, prompt_ids: list[int], shared: int) -> tuple[torch.Tensor, KVCache]:
+        """The prompts' first ``shared`` tokens (the same in each) once as one row, then every prompt's rest over
+        their keys and values (``inference/prefix.py``) -> last logits and the cache the plain prefill leaves."""
+        device, rows = self.ps.device, len(prompt_ids)
+        prefix_cache = KVCache(self.model.cfg.num_layers, 1, *_kv_layout(self.model), shared, self.dtype, device)
+        prefix = torch.tensor(self.prompts[prompt_ids[0]][:shared], device=device).view(1, shared)
+        self.model(prefix, position_ids=torch.arange(shared, device=device).view(1, shared),
+                   kv_cache=prefix_cache.window(1, 0, 0), hidden_only=True)  # fills prefix_cache
+        rests = [self.prompts[p][shared:] for p in prompt_ids]
+        ids, positions, valid = _left_padded(rests, max(len(r) for r in rests), first_position=shared)
+        key_valid = torch.cat([torch.ones(rows, shared, dtype=torch.bool), valid], dim=1).to(device)  # [P, L + S]
+        window = PrefixedWindow(prefix_cache, rows)
+        logits = self.forward_last_logits(ids.to(device), positions.to(device), key_valid, window)
+        scratch = KVCache(0, rows, *_kv_layout(self.model), shared + ids.shape[1], self.dtype, device)
+        window.right_aligned(scratch, [shared + len(r) for r in rests])  # fills every layer
+        self.stats["shared_prefix_tokens"] += shared * (rows - 1)
+        return logits, scratch
 
     def decode_step(self) -> None:
         """Feed every active row's last token at slot t; choose the next one."""
@@ -292,7 +332,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, p
              max_seq_len: int | None = None, seed: int = 0, prompt_keys: list[int] | None = None,
              compute_dtype: torch.dtype | None = None, progress=None,
              progress_every: float = 10.0, pack_weights: bool = True,
-             static_decode: bool = False) -> list[list[Completion]]:
+             static_decode: bool = False, share_prefixes: bool = True) -> list[list[Completion]]:
     """Generate ``params.num_samples`` completions for each prompt (token ids, no padding).
 
     Returns, in input order, a list of completions per prompt. ``max_batch_size`` sequences decode together
@@ -307,6 +347,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, p
     weights in memory during the call); False keeps plain ``F.linear``. ``static_decode``: every decode step runs
     all ``max_batch_size`` rows over the whole cache with fixed shapes (``inference/static_step.py``), captured once
     as a CUDA graph and replayed on GPU (``--cuda_graphs``); on CPU it runs eagerly and is no faster.
+    ``share_prefixes``: prompts prefilled together run the tokens they all start with once
+    (``inference/prefix.py``); False prefills every prompt whole.
     Every MP rank of the model must call this with the same arguments.
     """
     was_training = model.training
@@ -314,6 +356,6 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, end_ids, p
     try:
         return Generator(model, prompts, params, end_ids, ps, max_batch_size, max_seq_len, seed, prompt_keys,
                          compute_dtype, progress, progress_every, pack_weights=pack_weights,
-                         static_decode=static_decode).run()
+                         static_decode=static_decode, share_prefixes=share_prefixes).run()
     finally:
         model.train(was_training)
