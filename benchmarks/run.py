@@ -453,8 +453,14 @@ def evaluate_targets(results: dict) -> list[dict]:
              if r["impl"] == "llama_rlhf" and r["mp"] == 1 and r.get("status", "ok") == "ok"}
     mfu = {r["dtype"]: r["mfu"] for r in rows.get("mfu", [])
            if r["kind"] == "train_step" and r["impl"] == "llama_rlhf" and r["mp"] == 1}
-    gen = {r["batch"]: r["speedup_vs_transformers"] for r in rows.get("generate", [])
-           if r.get("threads", 1) == 1 and r.get("dtype", "float32") == "float32"}
+    # generation: fp32 on the whole machine (both sides on every core the run used), one thread alongside
+    gen_fp32 = [r for r in rows.get("generate", []) if r.get("dtype", "float32") == "float32"]
+    most = max((r.get("threads", 1) for r in gen_fp32), default=1)
+    gen = {r["batch"]: r["speedup_vs_transformers"] for r in gen_fp32 if r.get("threads", 1) == most}
+    gen_one = {r["batch"]: r["speedup_vs_transformers"] for r in gen_fp32 if r.get("threads", 1) == 1}
+    on_one = lambda batch: ({"also": {"one thread": round(gen_one[batch], 3)}}  # noqa: E731
+                            if most > 1 and batch in gen_one else {})
+    threads = f"{most} thread{'s' if most > 1 else ''}"
     load3 = next((r for r in rows.get("load", []) if r["impl"] == "llama_rlhf" and r["mp"] == 3
                   and r["status"] == "ok"), None)
     grpo = [r for r in rows.get("grpo_step", []) if r["beta"] == 0.0 and not variant_label(r)]
@@ -465,10 +471,10 @@ def evaluate_targets(results: dict) -> list[dict]:
                [(f"{d} speedup", v) for d, v in sorted(train.items())], lambda v: v >= 1.3),
         target("MFU", ">= 70% of the measured matmul peak",
                [(f"{d} MFU", v) for d, v in sorted(mfu.items())], lambda v: v >= 0.70),
-        target("generation", ">= 2x transformers generate tokens/s at batch 16 (fp32, one thread)",
-               [("batch 16 speedup", gen.get(16))], lambda v: v >= 2.0),
-        target("generation batch 1", ">= 1.5x transformers generate tokens/s at batch 1 (fp32, one thread)",
-               [("batch 1 speedup", gen.get(1))], lambda v: v >= 1.5),
+        target("generation", f">= 2x transformers generate tokens/s at batch 16 (fp32, {threads} on both sides)",
+               [("batch 16 speedup", gen.get(16))], lambda v: v >= 2.0) | on_one(16),
+        target("generation batch 1", f">= 1.5x transformers generate tokens/s at batch 1 (fp32, {threads} on "
+               "both sides)", [("batch 1 speedup", gen.get(1))], lambda v: v >= 1.5) | on_one(1),
         target("load memory", "per-rank peak RSS at MP=3 <= 0.45x MP=1",
                [("absolute peak ratio", load3["peak_ratio_vs_mp1"] if load3 else None)], lambda v: v <= 0.45)
         | {"also": {"increase over pre-load baseline ratio": round(load3["increase_ratio_vs_mp1"], 3)}

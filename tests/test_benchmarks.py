@@ -234,6 +234,18 @@ def fake_results() -> dict:
                        "error": "RuntimeError: boom"}}
 
 
+def test_generation_targets_use_the_whole_machine_and_show_one_thread():
+    results = fake_results()
+    one = results["generate"]["rows"]
+    whole = [dict(r, threads=2, speedup_vs_transformers=2.1) for r in one]
+    bf16 = [dict(r, dtype="bfloat16", threads=4, speedup_vs_transformers=9.0) for r in one]  # not fp32: ignored
+    results["generate"]["rows"] = one + whole + bf16
+    targets = {t["target"]: t for t in run.evaluate_targets(results)}
+    assert targets["generation"]["status"] == "met" and targets["generation"]["figures"] == {"batch 16 speedup": 2.1}
+    assert targets["generation"]["also"] == {"one thread": 1.5} and "2 threads" in targets["generation"]["goal"]
+    assert targets["generation batch 1"]["also"] == {"one thread": 1.5}
+
+
 def test_targets_from_results():
     targets = {t["target"]: t for t in run.evaluate_targets(fake_results())}
     assert targets["training throughput"]["status"] == "met"  # 2.0x >= 1.3x
