@@ -133,7 +133,7 @@ def print_table(rows: list[dict]) -> None:
                  if "whole_prefill_tokens_per_s" in r else "")
         print(f"{r['dtype']:>9}{r.get('threads', 1):>4}{r['batch']:>6}{r['new_tokens']:>5}{r['transformers_tokens_per_s']:>20.1f}"
               f"{r['llama_rlhf_tokens_per_s']:>18.1f}{r['speedup_vs_transformers']:>8.2f}x"
-              f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}{whole:>22}")  # older rows lack some
+              f"{r['greedy_agreement']:>7.2f}{r.get('load_average_1min', float('nan')):>6.1f}{whole:>22}")  # old rows: no load
 
 
 def main():

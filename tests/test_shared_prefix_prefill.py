@@ -12,9 +12,8 @@ from llama_rlhf.inference.engine import Generator, KVCache
 from llama_rlhf.inference.prefix import MIN_SHARED_PREFIX, PrefixedWindow, shared_prefix_length
 from llama_rlhf.inference.sampling import SamplingParams
 from llama_rlhf.models.config import ModelConfig
-from llama_rlhf.models.init import init_weights
-from llama_rlhf.models.pretrained import build_model
 from llama_rlhf.parallel.state import single_process_state
+from tests.test_shared_prompts import model_for as sharp_model
 
 BASE = ModelConfig("llama-hf", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
@@ -30,13 +29,8 @@ PREFIX = [5, 17, 42, 8, 91, 3, 60, 23, 77, 14]  # 10 tokens every prompt below s
 PROMPTS = [PREFIX + [33, 2, 71], PREFIX + [9], PREFIX + [50, 61, 1, 88, 4, 19, 27], PREFIX + [12, 44]]
 
 
-def model_for(cfg, dtype=torch.float64):
-    model = build_model(cfg, single_process_state())
-    init_weights(model, seed=3)
-    with torch.no_grad():  # sharper than the tiny init, so differences would show
-        for p in model.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0)
-    return model.to(dtype).eval()
+def model_for(cfg):
+    return sharp_model(cfg).eval()  # fp64, weights sharper than the tiny init so that differences would show
 
 
 def engine(model, prompts, params, rows=8, **kwargs):

@@ -167,7 +167,8 @@ class Generator:
         self.prompts_left = [params.num_samples] * len(prompts)
         self.progress, self.progress_every = progress, progress_every
         self.done_prompts, self.new_tokens, self.t0, self.last_report = 0, 0, time.time(), time.time()
-        self.stats = {"prefills": 0, "shared_prefix_tokens": 0, "decode_steps": 0, "shifts_left": 0, "shifts_right": 0, "row_moves": 0}
+        self.stats = {"prefills": 0, "shared_prefix_tokens": 0, "decode_steps": 0, "shifts_left": 0,
+                      "shifts_right": 0, "row_moves": 0}
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[list[Completion]]:

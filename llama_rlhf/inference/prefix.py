@@ -58,8 +58,8 @@ class PrefixedWindow:
         in_prefix = (slots >= begin) & (slots < begin + prefix)
         source = torch.where(in_prefix, slots - begin, slots)  # [rows, W]: padding slots read anything (not valid)
         row = torch.arange(self.rows, device=slots.device).view(-1, 1)
-        for layer in sorted(self.k):
-            cache.k.append(self.k[layer][row, source].transpose(1, 2))  # [rows, W, Hkv, D] -> [rows, Hkv, W, D]
-            cache.v.append(self.v[layer][row, source].transpose(1, 2))
-        self.k, self.v = {}, {}
+        for layer in sorted(self.k):  # each layer's prefix + rest copy goes as its laid-out copy comes: one extra
+            k, v = self.k.pop(layer), self.v.pop(layer)  # layer at a time, as in the whole-prompt prefill
+            cache.k.append(k[row, source].transpose(1, 2))  # [rows, W, Hkv, D] -> [rows, Hkv, W, D]
+            cache.v.append(v[row, source].transpose(1, 2))
         cache.valid.copy_(slots >= begin)
