@@ -101,3 +101,22 @@ def test_masked_sdpa_on_cuda_repeats_kv_heads(monkeypatch):
     monkeypatch.setattr(A.F, "scaled_dot_product_attention", recording)
     got = A.attention(q, k, v, SCALE, mask)
     assert seen == [(HQ, False)] and torch.allclose(got, want, atol=1e-12)
+
+
+def test_decode_step_equals_the_explicit_kernel_on_one_and_two_threads():
+    """One query per row over a padded cache: grouped queries (one thread) and SDPA's GQA (more threads) both give
+    the explicit kernel's output."""
+    q, k, v = qkv(3)
+    q = q[:, -1:]  # [B, 1, HQ, D] over all S keys
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :4] = False  # row 0 left-padded
+    mask = A.build_mask(1, S, S - 1, q.device, key_valid=valid)
+    want = A.softcapped_attention(q, A.repeat_kv(k, HQ // HKV), A.repeat_kv(v, HQ // HKV), mask, SCALE, None)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = A.attention(q, k, v, SCALE, mask)
+            assert got.shape == (B, 1, HQ, D) and (got - want).abs().max() < 1e-12, threads
+    finally:
+        torch.set_num_threads(saved)
